@@ -1,0 +1,907 @@
+// Fused single-pass CPU statistics. A tensor is cut into chunks (thread tasks) and chunks into
+// cache-sized blocks; each block is read from memory once and every statistic is taken from it
+// while it sits in L1. Moments use a per-block shift (previous block's mean) so that sums of
+// deviations stay small when |mean| >> std; blocks merge with Chan's update in double.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tensorvigil/error.h"
+#include "tensorvigil/internal/thread_pool.h"
+#include "tensorvigil/stats/reduce.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define TV_X86 1
+#include <immintrin.h>
+#define TV_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define TV_X86 0
+#endif
+
+namespace tensorvigil {
+namespace internal {
+void stats_set_simd(bool enabled);
+bool stats_simd_active();
+}  // namespace internal
+
+namespace {
+
+constexpr std::size_t kBlock = 4096;           // elements per block (16 KiB of float32)
+constexpr std::size_t kChunkBlocks = 64;       // blocks per thread task
+constexpr std::size_t kChunk = kBlock * kChunkBlocks;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------------
+// Run-time configuration.
+
+bool cpu_has_avx2() {
+#if TV_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+std::atomic<bool> g_simd_enabled{true};
+std::atomic<int> g_num_threads{0};
+
+int default_num_threads() {
+  unsigned hw = std::thread::hardware_concurrency();
+  if (hw == 0) hw = 2;
+  return static_cast<int>(std::min(hw, 8u));
+}
+
+bool use_avx2() { return g_simd_enabled.load(std::memory_order_relaxed) && cpu_has_avx2(); }
+
+// ---------------------------------------------------------------------------------------------
+// Per-block sums of deviations from a shift K (finite elements only).
+
+struct BlockSums {
+  uint64_t nfin = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  double s1 = 0, s2 = 0, asum = 0;
+  double min = kInf, max = -kInf, amax = 0;
+  void add(const BlockSums& o) {
+    nfin += o.nfin; nan += o.nan; posinf += o.posinf; neginf += o.neginf; zeros += o.zeros;
+    s1 += o.s1; s2 += o.s2; asum += o.asum;
+    min = std::min(min, o.min); max = std::max(max, o.max); amax = std::max(amax, o.amax);
+  }
+};
+
+// Exact scalar kernel: reference semantics for every other path.
+template <typename T>
+void block_scalar(const T* x, std::size_t n, double K, BlockSums& b) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (std::isnan(v)) {
+      ++b.nan;
+    } else if (std::isinf(v)) {
+      if (v > 0) ++b.posinf; else ++b.neginf;
+    } else {
+      ++b.nfin;
+      if (v == 0) ++b.zeros;
+      b.min = std::min(b.min, v);
+      b.max = std::max(b.max, v);
+      const double a = std::fabs(v), d = v - K;
+      b.amax = std::max(b.amax, a);
+      b.asum += a;
+      b.s1 += d;
+      b.s2 += d * d;
+    }
+  }
+}
+
+template <typename T>
+double first_finite(const T* x, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (std::isfinite(v)) return v;
+  }
+  return 0.0;
+}
+
+#if TV_X86
+// ---------------------------------------------------------------------------------------------
+// AVX2 float32 kernels. Short runs accumulate in float lanes (16 elements per partial sum),
+// then fold into double lanes; the caller re-runs a block in double when float overflowed or
+// underflowed.
+
+TV_AVX2 inline __m256d cvt_lo(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+TV_AVX2 inline __m256d cvt_hi(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+TV_AVX2 inline double hsum_pd(__m256d v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+TV_AVX2 inline float hmin_ps(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+TV_AVX2 inline float hmax_ps(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+TV_AVX2 inline uint64_t hsum_epi32(__m256i v) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  uint64_t s = 0;
+  for (int i = 0; i < 8; ++i) s += static_cast<uint32_t>(t[i]);
+  return s;
+}
+TV_AVX2 inline uint32_t hmax_epu32(__m256i v) {
+  __m128i m = _mm_max_epu32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epu32(m, _mm_shuffle_epi32(m, 0xb1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(m));
+}
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Fast path over n (multiple of 128) floats, all assumed finite. Returns false when a NaN/Inf
+// was seen (the sums are then meaningless and the caller uses the masked kernel).
+TV_AVX2 bool f32_fast(const float* x, std::size_t n, float K, BlockSums& b) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256 kv = _mm256_set1_ps(K);
+  __m256 mn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256i amax = zero, zc = zero;
+  __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
+  for (std::size_t i = 0; i < n; i += 128) {
+    __m256 a1 = _mm256_setzero_ps(), b1 = a1, a2 = a1, b2 = a1, aa = a1, ba = a1;
+    for (std::size_t j = i; j < i + 128; j += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+      const __m256i i0 = _mm256_and_si256(_mm256_castps_si256(x0), absmask);
+      const __m256i i1 = _mm256_and_si256(_mm256_castps_si256(x1), absmask);
+      amax = _mm256_max_epu32(amax, i0);
+      amax = _mm256_max_epu32(amax, i1);
+      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(i0, zero));
+      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(i1, zero));
+      mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
+      mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
+      const __m256 d0 = _mm256_sub_ps(x0, kv), d1 = _mm256_sub_ps(x1, kv);
+      a1 = _mm256_add_ps(a1, d0);
+      b1 = _mm256_add_ps(b1, d1);
+      a2 = _mm256_fmadd_ps(d0, d0, a2);
+      b2 = _mm256_fmadd_ps(d1, d1, b2);
+      aa = _mm256_add_ps(aa, _mm256_castsi256_ps(i0));
+      ba = _mm256_add_ps(ba, _mm256_castsi256_ps(i1));
+    }
+    const __m256 s1 = _mm256_add_ps(a1, b1), s2 = _mm256_add_ps(a2, b2),
+                 sa = _mm256_add_ps(aa, ba);
+    D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(s1), cvt_hi(s1)));
+    D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
+    DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
+  }
+  const uint32_t am = hmax_epu32(amax);
+  if (am >= 0x7f800000u) return false;
+  b.nfin += n;
+  b.zeros += hsum_epi32(zc);
+  b.min = std::min(b.min, static_cast<double>(hmin_ps(mn)));
+  b.max = std::max(b.max, static_cast<double>(hmax_ps(mx)));
+  b.amax = std::max(b.amax, static_cast<double>(bits_to_float(am)));
+  b.s1 += hsum_pd(D1);
+  b.s2 += hsum_pd(D2);
+  b.asum += hsum_pd(DA);
+  return true;
+}
+
+// Masked path for blocks holding NaN/Inf (n a multiple of 8).
+TV_AVX2 void f32_masked(const float* x, std::size_t n, float K, BlockSums& b) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i infb = _mm256_set1_epi32(0x7f800000);
+  const __m256i ninfb = _mm256_set1_epi32(static_cast<int>(0xff800000u));
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 kv = _mm256_set1_ps(K);
+  __m256 mn = pinf, mx = ninf;
+  __m256i amax = zero, zc = zero, cf = zero, cn = zero, ci = zero, cni = zero;
+  __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
+  for (std::size_t i = 0; i < n;) {
+    __m256 s1 = _mm256_setzero_ps(), s2 = s1, sa = s1;
+    const std::size_t end = std::min(n, i + 64);
+    for (; i < end; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i ab = _mm256_and_si256(bits, absmask);
+      const __m256i fin = _mm256_cmpgt_epi32(infb, ab);
+      cf = _mm256_sub_epi32(cf, fin);
+      cn = _mm256_sub_epi32(cn, _mm256_cmpgt_epi32(ab, infb));
+      ci = _mm256_sub_epi32(ci, _mm256_cmpeq_epi32(ab, infb));
+      cni = _mm256_sub_epi32(cni, _mm256_cmpeq_epi32(bits, ninfb));
+      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(ab, zero));
+      const __m256 finps = _mm256_castsi256_ps(fin);
+      mn = _mm256_min_ps(mn, _mm256_blendv_ps(pinf, v, finps));
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, v, finps));
+      const __m256i abf = _mm256_and_si256(ab, fin);
+      amax = _mm256_max_epu32(amax, abf);
+      const __m256 d = _mm256_and_ps(_mm256_sub_ps(v, kv), finps);
+      s1 = _mm256_add_ps(s1, d);
+      s2 = _mm256_fmadd_ps(d, d, s2);
+      sa = _mm256_add_ps(sa, _mm256_castsi256_ps(abf));
+    }
+    D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(s1), cvt_hi(s1)));
+    D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
+    DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
+  }
+  const uint64_t nfin = hsum_epi32(cf), ninf_all = hsum_epi32(ci), nneg = hsum_epi32(cni);
+  b.nfin += nfin;
+  b.nan += hsum_epi32(cn);
+  b.posinf += ninf_all - nneg;
+  b.neginf += nneg;
+  b.zeros += hsum_epi32(zc);
+  if (nfin) {
+    b.min = std::min(b.min, static_cast<double>(hmin_ps(mn)));
+    b.max = std::max(b.max, static_cast<double>(hmax_ps(mx)));
+    b.amax = std::max(b.amax, static_cast<double>(bits_to_float(hmax_epu32(amax))));
+    b.s1 += hsum_pd(D1);
+    b.s2 += hsum_pd(D2);
+    b.asum += hsum_pd(DA);
+  }
+}
+
+TV_AVX2 void block_f32_avx2(const float* x, std::size_t n, float K, BlockSums& b) {
+  const std::size_t nf = n & ~static_cast<std::size_t>(127);
+  if (nf && !f32_fast(x, nf, K, b)) f32_masked(x, nf, K, b);
+  const std::size_t nm = n & ~static_cast<std::size_t>(7);
+  if (nm > nf) f32_masked(x + nf, nm - nf, K, b);
+  if (n > nm) block_scalar(x + nm, n - nm, static_cast<double>(K), b);
+}
+
+// Double lanes: fast path with a NaN/Inf check, exact scalar kernel for blocks holding them.
+TV_AVX2 void block_f64_avx2(const double* x, std::size_t n, double K, BlockSums& b) {
+  const std::size_t nv = n & ~static_cast<std::size_t>(7);
+  if (nv) {
+    const __m256d absmask = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+    const __m256d inf = _mm256_set1_pd(kInf);
+    const __m256d zero = _mm256_setzero_pd();
+    const __m256d kv = _mm256_set1_pd(K);
+    __m256d mn = inf, mx = _mm256_set1_pd(-kInf), am = zero, bad = zero;
+    __m256d a1 = zero, b1 = zero, a2 = zero, b2 = zero, aa = zero, ba = zero;
+    __m256i zc = _mm256_setzero_si256();
+    for (std::size_t i = 0; i < nv; i += 8) {
+      const __m256d x0 = _mm256_loadu_pd(x + i), x1 = _mm256_loadu_pd(x + i + 4);
+      const __m256d ab0 = _mm256_and_pd(x0, absmask), ab1 = _mm256_and_pd(x1, absmask);
+      bad = _mm256_or_pd(bad, _mm256_cmp_pd(ab0, inf, _CMP_NLT_UQ));
+      bad = _mm256_or_pd(bad, _mm256_cmp_pd(ab1, inf, _CMP_NLT_UQ));
+      zc = _mm256_sub_epi64(zc, _mm256_castpd_si256(_mm256_cmp_pd(x0, zero, _CMP_EQ_OQ)));
+      zc = _mm256_sub_epi64(zc, _mm256_castpd_si256(_mm256_cmp_pd(x1, zero, _CMP_EQ_OQ)));
+      mn = _mm256_min_pd(mn, _mm256_min_pd(x0, x1));
+      mx = _mm256_max_pd(mx, _mm256_max_pd(x0, x1));
+      am = _mm256_max_pd(am, _mm256_max_pd(ab0, ab1));
+      const __m256d d0 = _mm256_sub_pd(x0, kv), d1 = _mm256_sub_pd(x1, kv);
+      a1 = _mm256_add_pd(a1, d0);
+      b1 = _mm256_add_pd(b1, d1);
+      a2 = _mm256_fmadd_pd(d0, d0, a2);
+      b2 = _mm256_fmadd_pd(d1, d1, b2);
+      aa = _mm256_add_pd(aa, ab0);
+      ba = _mm256_add_pd(ba, ab1);
+    }
+    if (_mm256_movemask_pd(bad)) {
+      block_scalar(x, nv, K, b);
+    } else {
+      alignas(32) double t[4];
+      alignas(32) int64_t z[4];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(z), zc);
+      b.nfin += nv;
+      b.zeros += static_cast<uint64_t>(z[0] + z[1] + z[2] + z[3]);
+      _mm256_store_pd(t, mn);
+      b.min = std::min({b.min, t[0], t[1], t[2], t[3]});
+      _mm256_store_pd(t, mx);
+      b.max = std::max({b.max, t[0], t[1], t[2], t[3]});
+      _mm256_store_pd(t, am);
+      b.amax = std::max({b.amax, t[0], t[1], t[2], t[3]});
+      b.s1 += hsum_pd(_mm256_add_pd(a1, b1));
+      b.s2 += hsum_pd(_mm256_add_pd(a2, b2));
+      b.asum += hsum_pd(_mm256_add_pd(aa, ba));
+    }
+  }
+  if (n > nv) block_scalar(x + nv, n - nv, K, b);
+}
+
+TV_AVX2 void f16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+TV_AVX2 void bf16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(w, 16));
+  }
+  for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+// Raw exponent-field histogram of float32 values (4 interleaved copies against store stalls).
+TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw4, int32_t* ibuf) {
+  const __m256i m = _mm256_set1_epi32(0xff);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i),
+                        _mm256_and_si256(_mm256_srli_epi32(bits, 23), m));
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    ibuf[i] = static_cast<int32_t>((u >> 23) & 0xff);
+  }
+  std::size_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    ++raw4[ibuf[k]];
+    ++raw4[256 + ibuf[k + 1]];
+    ++raw4[512 + ibuf[k + 2]];
+    ++raw4[768 + ibuf[k + 3]];
+  }
+  for (; k < n; ++k) ++raw4[ibuf[k]];
+}
+#endif  // TV_X86
+
+// ---------------------------------------------------------------------------------------------
+// Fixed-bin histogram with numpy.histogram semantics.
+
+struct HistPlan {
+  int bins = 0;
+  double lo = 0, hi = 1, denom = 1;
+  std::vector<double> edges;  // bins + 1
+  // Float fast path: t = (x - lo_f) * scale_f is within delta of the exact bin coordinate.
+  bool float_ok = false;
+  float lo_f = 0, scale_f = 0, delta = 0;
+
+  void init(int nbins, double l, double h) {
+    bins = nbins; lo = l; hi = h; denom = h - l;
+    TensorStats tmp;
+    tmp.hist.assign(static_cast<std::size_t>(nbins), 0);
+    tmp.hist_lo = l;
+    tmp.hist_hi = h;
+    edges = tmp.hist_edges();
+    const double scale = static_cast<double>(nbins) / denom;
+    const double u = std::ldexp(1.0, -24);
+    const double d = 8.0 * u * (scale * std::max(std::fabs(l), std::fabs(h)) + nbins + 1.0);
+    float_ok = std::isfinite(scale) && std::isfinite(d) && d < 0.05 &&
+               std::fabs(l) < 1e37 && std::fabs(h) < 1e37 && scale < 1e37;
+    lo_f = static_cast<float>(l);
+    scale_f = static_cast<float>(scale);
+    delta = static_cast<float>(d);
+  }
+
+  // Bin of a finite x: 0..bins-1, bins (below), bins + 1 (above). Mirrors numpy's arithmetic,
+  // then settles the result against the exact edges.
+  int classify(double x) const {
+    if (!(x >= lo)) return bins;
+    if (x > hi) return bins + 1;
+    double f = (x - lo) / denom * static_cast<double>(bins);
+    int64_t idx = f >= static_cast<double>(bins) ? bins - 1 : static_cast<int64_t>(f);
+    if (idx < 0) idx = 0;
+    while (idx > 0 && x < edges[static_cast<std::size_t>(idx)]) --idx;
+    while (idx < bins - 1 && x >= edges[static_cast<std::size_t>(idx) + 1]) ++idx;
+    return static_cast<int>(idx);
+  }
+};
+
+// 4 interleaved copies of (bins + 3) counters: bins, below, above, ignored.
+struct HistCounts {
+  int stride = 0;
+  std::vector<uint32_t> c;
+  void init(int bins) {
+    stride = bins + 3;
+    c.assign(static_cast<std::size_t>(stride) * 4, 0);
+  }
+  void add_indices(const int32_t* idx, std::size_t n) {
+    uint32_t* c0 = c.data();
+    uint32_t* c1 = c0 + stride;
+    uint32_t* c2 = c1 + stride;
+    uint32_t* c3 = c2 + stride;
+    std::size_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      ++c0[idx[k]];
+      ++c1[idx[k + 1]];
+      ++c2[idx[k + 2]];
+      ++c3[idx[k + 3]];
+    }
+    for (; k < n; ++k) ++c0[idx[k]];
+  }
+  uint64_t get(int i) const {
+    uint64_t s = 0;
+    for (int r = 0; r < 4; ++r) s += c[static_cast<std::size_t>(r * stride + i)];
+    return s;
+  }
+};
+
+template <typename T>
+void hist_scalar(const T* x, std::size_t n, const HistPlan& p, int32_t* ibuf, HistCounts& hc) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    ibuf[i] = std::isfinite(v) ? p.classify(v) : p.bins + 2;
+  }
+  hc.add_indices(ibuf, n);
+}
+
+#if TV_X86
+TV_AVX2 void hist_f32_avx2(const float* x, std::size_t n, const HistPlan& p, int32_t* ibuf,
+                           HistCounts& hc) {
+  if (!p.float_ok) return hist_scalar(x, n, p, ibuf, hc);
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i infb = _mm256_set1_epi32(0x7f800000);
+  const __m256 lo = _mm256_set1_ps(p.lo_f), sc = _mm256_set1_ps(p.scale_f);
+  const __m256 dl = _mm256_set1_ps(p.delta), one_m = _mm256_set1_ps(1.0f - p.delta);
+  const __m256 neg_dl = _mm256_set1_ps(-p.delta);
+  const __m256 top = _mm256_set1_ps(static_cast<float>(p.bins) - p.delta);
+  const __m256 top_out = _mm256_set1_ps(static_cast<float>(p.bins) + p.delta);
+  const __m256i below = _mm256_set1_epi32(p.bins), above = _mm256_set1_epi32(p.bins + 1);
+  const __m256i ignore = _mm256_set1_epi32(p.bins + 2);
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256i fin = _mm256_cmpgt_epi32(infb, _mm256_and_si256(_mm256_castps_si256(v), absmask));
+    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(v, lo), sc);
+    const __m256 fl = _mm256_floor_ps(t);
+    const __m256 fr = _mm256_sub_ps(t, fl);
+    __m256 sure = _mm256_and_ps(_mm256_cmp_ps(t, dl, _CMP_GE_OQ), _mm256_cmp_ps(t, top, _CMP_LE_OQ));
+    sure = _mm256_and_ps(sure, _mm256_and_ps(_mm256_cmp_ps(fr, dl, _CMP_GE_OQ),
+                                             _mm256_cmp_ps(fr, one_m, _CMP_LE_OQ)));
+    const __m256 is_below = _mm256_cmp_ps(t, neg_dl, _CMP_LT_OQ);
+    const __m256 is_above = _mm256_cmp_ps(t, top_out, _CMP_GT_OQ);
+    // In-range lanes: fl is in [0, bins) so the conversion is exact and safe.
+    __m256i idx = _mm256_cvttps_epi32(_mm256_and_ps(fl, sure));
+    idx = _mm256_blendv_epi8(idx, below, _mm256_castps_si256(is_below));
+    idx = _mm256_blendv_epi8(idx, above, _mm256_castps_si256(is_above));
+    idx = _mm256_blendv_epi8(ignore, idx, fin);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i), idx);
+    const __m256 decided = _mm256_or_ps(sure, _mm256_or_ps(is_below, is_above));
+    int unsure = ~_mm256_movemask_ps(decided) & _mm256_movemask_ps(_mm256_castsi256_ps(fin)) & 0xff;
+    while (unsure) {
+      const int k = __builtin_ctz(static_cast<unsigned>(unsure));
+      unsure &= unsure - 1;
+      ibuf[i + k] = p.classify(static_cast<double>(x[i + k]));
+    }
+  }
+  for (; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    ibuf[i] = std::isfinite(v) ? p.classify(v) : p.bins + 2;
+  }
+  hc.add_indices(ibuf, n);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Chunk driver: converts each block if needed, then runs the moment, exponent and histogram
+// kernels on it while it is in cache.
+
+struct Plan {
+  bool moments = true;   // false: histogram-only second pass (auto range)
+  bool exp_hist = false;
+  const HistPlan* hist = nullptr;
+};
+
+enum class Lane { kF32, kF64 };
+
+const double* fp8_table(DType dt) {
+  static const std::vector<double> e4m3 = [] {
+    std::vector<double> t(256);
+    for (int i = 0; i < 256; ++i) t[i] = fp8_e4m3_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  static const std::vector<double> e5m2 = [] {
+    std::vector<double> t(256);
+    for (int i = 0; i < 256; ++i) t[i] = fp8_e5m2_to_float(static_cast<uint8_t>(i));
+    return t;
+  }();
+  return dt == DType::kFloat8E4M3 ? e4m3.data() : e5m2.data();
+}
+
+template <typename S>
+void cast_block(const void* base, std::size_t off, std::size_t n, double* out) {
+  const S* s = static_cast<const S*>(base) + off;
+  for (std::size_t i = 0; i < n; ++i) out[i] = static_cast<double>(s[i]);
+}
+
+void to_double(DType dt, const void* base, std::size_t off, std::size_t n, double* out) {
+  switch (dt) {
+    case DType::kFloat64: cast_block<double>(base, off, n, out); break;
+    case DType::kFloat32: cast_block<float>(base, off, n, out); break;
+    case DType::kFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+      for (std::size_t i = 0; i < n; ++i) out[i] = half_to_float(s[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+      for (std::size_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
+      break;
+    }
+    case DType::kFloat8E4M3: case DType::kFloat8E5M2: {
+      const double* t = fp8_table(dt);
+      const uint8_t* s = static_cast<const uint8_t*>(base) + off;
+      for (std::size_t i = 0; i < n; ++i) out[i] = t[s[i]];
+      break;
+    }
+    case DType::kInt8: cast_block<int8_t>(base, off, n, out); break;
+    case DType::kInt16: cast_block<int16_t>(base, off, n, out); break;
+    case DType::kInt32: cast_block<int32_t>(base, off, n, out); break;
+    case DType::kInt64: cast_block<int64_t>(base, off, n, out); break;
+    case DType::kUInt8: cast_block<uint8_t>(base, off, n, out); break;
+    case DType::kBool: {
+      const uint8_t* s = static_cast<const uint8_t*>(base) + off;
+      for (std::size_t i = 0; i < n; ++i) out[i] = s[i] ? 1.0 : 0.0;
+      break;
+    }
+  }
+}
+
+struct ChunkState {
+  TensorStats out;
+  // Chan accumulators of the blocks; the mean is kept relative to `base` (the first shift) so
+  // that block means differ by small, exactly representable amounts when |mean| >> std.
+  uint64_t n = 0;
+  double base = 0, mean_rel = 0, m2 = 0;
+  double shift = 0;
+  bool has_shift = false;
+  std::vector<uint32_t> exp_raw;  // 4 x 256 (float lanes) or 2048 (double lanes)
+  HistCounts hc;
+
+  double mean() const { return base + mean_rel; }
+
+  void fold(const BlockSums& b, double K) {
+    out.nan += b.nan;
+    out.posinf += b.posinf;
+    out.neginf += b.neginf;
+    out.zeros += b.zeros;
+    if (!b.nfin) return;
+    out.min = std::fmin(out.min, b.min);
+    out.max = std::fmax(out.max, b.max);
+    out.abs_max = std::max(out.abs_max, b.amax);
+    out.abs_sum += b.asum;
+    const bool constant = b.min == b.max;  // exact whatever the shift
+    if (n == 0) base = constant ? b.min : K;
+    const double nb = static_cast<double>(b.nfin);
+    const double mb = constant ? b.min - base : (K - base) + b.s1 / nb;
+    double m2b = std::isfinite(b.s2) ? std::max(0.0, b.s2 - b.s1 * (b.s1 / nb)) : kInf;
+    if (constant) m2b = 0.0;
+    if (n == 0) {
+      mean_rel = mb;
+      m2 = m2b;
+    } else {
+      const double nt = static_cast<double>(n) + nb;
+      const double fb = nb / nt;
+      const double delta = mb - mean_rel;
+      mean_rel = std::isfinite(delta) ? mean_rel + delta * fb : (1.0 - fb) * mean_rel + fb * mb;
+      m2 = m2 + m2b + delta * delta * (static_cast<double>(n) * fb);
+    }
+    n += b.nfin;
+    const double next = base + mb;
+    if (std::isfinite(next)) {
+      shift = next;
+      has_shift = true;
+    }
+  }
+};
+
+// Moments of one block in double lanes, re-run with the block's own mean as shift when the
+// first shift cost too many digits.
+void moments_f64(const double* x, std::size_t n, ChunkState& st, bool avx2) {
+  const double K = st.has_shift ? st.shift : first_finite(x, n);
+  auto run = [&](double k, BlockSums& b) {
+#if TV_X86
+    if (avx2) return block_f64_avx2(x, n, k, b);
+#endif
+    block_scalar(x, n, k, b);
+  };
+  BlockSums b;
+  run(K, b);
+  if (b.nfin && std::isfinite(b.s2) && b.min != b.max) {
+    const double nb = static_cast<double>(b.nfin);
+    const double m2b = b.s2 - b.s1 * (b.s1 / nb);
+    const double mb = K + b.s1 / nb;
+    if (m2b * 1e4 < b.s2 && std::isfinite(mb)) {
+      BlockSums b2;
+      run(mb, b2);
+      st.fold(b2, mb);
+      return;
+    }
+  }
+  st.fold(b, K);
+}
+
+#if TV_X86
+// Float lanes; falls back to double lanes when a float partial sum overflowed, underflowed or
+// lost too many digits to the shift.
+TV_AVX2 void moments_f32(const float* x, std::size_t n, ChunkState& st, double* dbuf) {
+  double Kd = st.has_shift ? st.shift : first_finite(x, n);
+  if (!(std::fabs(Kd) < 3e38)) Kd = 0.0;
+  float K = static_cast<float>(Kd);
+  BlockSums b;
+  block_f32_avx2(x, n, K, b);
+  if (!b.nfin) return st.fold(b, K);
+  const double nb = static_cast<double>(b.nfin);
+  const bool bad = !std::isfinite(b.s1) || !std::isfinite(b.s2) || !std::isfinite(b.asum) ||
+                   (b.s2 < nb * 0x1p-110 && b.min != b.max);
+  if (bad) {
+    for (std::size_t i = 0; i < n; ++i) dbuf[i] = static_cast<double>(x[i]);
+    return moments_f64(dbuf, n, st, true);
+  }
+  const double m2b = b.s2 - b.s1 * (b.s1 / nb);
+  if (b.min != b.max && m2b * 4.0 < b.s2) {
+    const double mb = static_cast<double>(K) + b.s1 / nb;
+    const float K2 = static_cast<float>(mb);
+    BlockSums b2;
+    block_f32_avx2(x, n, K2, b2);
+    return st.fold(b2, K2);
+  }
+  st.fold(b, K);
+}
+#endif
+
+void exp_raw_f64(const double* x, std::size_t n, uint32_t* raw) {
+  for (std::size_t i = 0; i < n; ++i) {
+    uint64_t u;
+    std::memcpy(&u, x + i, 8);
+    ++raw[(u >> 52) & 0x7ff];
+  }
+}
+
+// Folds a raw exponent-field histogram into the public buckets (floor(log2|x|) + bias).
+void finish_exp(const std::vector<uint32_t>& raw, Lane lane, uint64_t zeros,
+                std::vector<uint64_t>& out) {
+  out.assign(kExpHistBuckets, 0);
+  if (lane == Lane::kF32) {
+    for (int e = 0; e < 255; ++e) {
+      uint64_t c = 0;
+      for (int r = 0; r < 4; ++r) c += raw[static_cast<std::size_t>(r * 256 + e)];
+      // Exponent field e holds floor(log2|x|) = e - 127; e = 0 is subnormals (clamped) + zeros.
+      out[static_cast<std::size_t>(e)] += c;
+    }
+  } else {
+    for (int e = 0; e < 2047; ++e) {
+      const uint64_t c = raw[static_cast<std::size_t>(e)];
+      if (!c) continue;
+      int k = e - 1023 + kExpHistBias;
+      k = std::min(std::max(k, 0), kExpHistBuckets - 1);
+      out[static_cast<std::size_t>(k)] += c;
+    }
+  }
+  out[0] -= zeros;
+}
+
+struct Thread_buffers {
+  std::vector<float> f;
+  std::vector<double> d;
+  std::vector<int32_t> i;
+  Thread_buffers() : f(kBlock), d(kBlock), i(kBlock) {}
+};
+
+TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, const Plan& plan) {
+  static thread_local Thread_buffers buf;
+  const bool avx2 = use_avx2();
+  const DType dt = v.dtype;
+  const bool f32_lane = avx2 && (dt == DType::kFloat32 || dt == DType::kFloat16 ||
+                                 dt == DType::kBFloat16);
+  const Lane lane = f32_lane ? Lane::kF32 : Lane::kF64;
+  ChunkState st;
+  st.out.numel = end - begin;
+  if (plan.exp_hist) st.exp_raw.assign(lane == Lane::kF32 ? 4 * 256 : 2048, 0);
+  if (plan.hist) st.hc.init(plan.hist->bins);
+
+  for (std::size_t b0 = begin; b0 < end; b0 += kBlock) {
+    const std::size_t n = std::min(kBlock, end - b0);
+#if TV_X86
+    if (f32_lane) {
+      const float* x;
+      if (dt == DType::kFloat32) {
+        x = static_cast<const float*>(v.data) + b0;
+      } else {
+        const uint16_t* s = static_cast<const uint16_t*>(v.data) + b0;
+        if (dt == DType::kFloat16) f16_to_f32_avx2(s, n, buf.f.data());
+        else bf16_to_f32_avx2(s, n, buf.f.data());
+        x = buf.f.data();
+      }
+      if (plan.moments) moments_f32(x, n, st, buf.d.data());
+      if (plan.exp_hist) exp_raw_f32_avx2(x, n, st.exp_raw.data(), buf.i.data());
+      if (plan.hist) hist_f32_avx2(x, n, *plan.hist, buf.i.data(), st.hc);
+      continue;
+    }
+#endif
+    const double* x;
+    if (dt == DType::kFloat64) {
+      x = static_cast<const double*>(v.data) + b0;
+    } else {
+      to_double(dt, v.data, b0, n, buf.d.data());
+      x = buf.d.data();
+    }
+    if (plan.moments) moments_f64(x, n, st, avx2);
+    if (plan.exp_hist) exp_raw_f64(x, n, st.exp_raw.data());
+    if (plan.hist) hist_scalar(x, n, *plan.hist, buf.i.data(), st.hc);
+  }
+
+  TensorStats& out = st.out;
+  if (plan.moments) {
+    out.mean = st.n ? st.mean() : 0.0;
+    out.m2 = st.n ? st.m2 : 0.0;
+    if (!st.n) out.min = out.max = kNaN;
+  }
+  if (plan.exp_hist) finish_exp(st.exp_raw, lane, out.zeros, out.exp_hist);
+  if (plan.hist) {
+    const HistPlan& p = *plan.hist;
+    out.hist.resize(static_cast<std::size_t>(p.bins));
+    for (int i = 0; i < p.bins; ++i) out.hist[static_cast<std::size_t>(i)] = st.hc.get(i);
+    out.hist_below = st.hc.get(p.bins);
+    out.hist_above = st.hc.get(p.bins + 1);
+    out.hist_lo = p.lo;
+    out.hist_hi = p.hi;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation, task lists and merging.
+
+void validate(const StatsOptions& o) {
+  if (o.hist_bins < 0 || o.hist_bins > kMaxHistBins)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[compute_stats] hist_bins must be in [0, " + std::to_string(kMaxHistBins) +
+                    "], got " + std::to_string(o.hist_bins));
+  if (o.hist_bins > 0 && !o.hist_auto_range) {
+    if (!std::isfinite(o.hist_lo) || !std::isfinite(o.hist_hi) || !(o.hist_lo < o.hist_hi))
+      throw_error(ErrorCode::kInvalidArgument,
+                  "[compute_stats] hist range must be finite with lo < hi, got [" +
+                      std::to_string(o.hist_lo) + ", " + std::to_string(o.hist_hi) + "]");
+  }
+  if (o.num_threads < 0)
+    throw_error(ErrorCode::kInvalidArgument, "[compute_stats] num_threads must be >= 0");
+}
+
+void validate(const TensorView& v) {
+  if (v.device != DeviceType::kCpu)
+    throw_error(ErrorCode::kUnsupported,
+                "[compute_stats] CUDA tensors are not supported by the CPU reduction; copy the "
+                "tensor to host memory (CUDA statistics come with the CUDA backend)");
+  for (int64_t d : v.shape)
+    if (d < 0)
+      throw_error(ErrorCode::kInvalidArgument, "[compute_stats] negative dimension in shape");
+  dtype_size(v.dtype);  // throws on an invalid code
+  if (v.numel() > 0 && v.data == nullptr)
+    throw_error(ErrorCode::kInvalidArgument, "[compute_stats] null data pointer");
+}
+
+// numpy.histogram's range rule for hist_auto_range; [0, 1] when there is no finite value.
+void auto_range(const TensorStats& s, double& lo, double& hi) {
+  if (s.finite() == 0 || !std::isfinite(s.min) || !std::isfinite(s.max)) {
+    lo = 0.0;
+    hi = 1.0;
+    return;
+  }
+  lo = s.min;
+  hi = s.max;
+  if (lo == hi) {
+    lo -= 0.5;
+    hi += 0.5;
+  }
+}
+
+struct Task {
+  std::size_t view, begin, end;
+};
+
+int resolve_threads(int requested) {
+  int t = requested > 0 ? requested : get_num_threads();
+  if (t > 1 && internal::ThreadPool::global().size() < t) internal::ThreadPool::set_global_threads(t);
+  return t;
+}
+
+void run_tasks(const std::vector<TensorView>& views, const std::vector<Task>& tasks,
+               const std::vector<Plan>& plans, std::vector<TensorStats>& results, int threads) {
+  results.assign(tasks.size(), TensorStats{});
+  auto fn = [&](std::size_t i) {
+    const Task& t = tasks[i];
+    results[i] = run_chunk(views[t.view], t.begin, t.end, plans[t.view]);
+  };
+  if (threads <= 1 || tasks.size() <= 1) {
+    for (std::size_t i = 0; i < tasks.size(); ++i) fn(i);
+  } else {
+    internal::ThreadPool::global().parallel_for(tasks.size(), fn, threads);
+  }
+}
+
+}  // namespace
+
+namespace internal {
+void stats_set_simd(bool enabled) { g_simd_enabled.store(enabled); }
+bool stats_simd_active() { return use_avx2(); }
+}  // namespace internal
+
+std::vector<TensorStats> compute_stats_many(const std::vector<TensorView>& views,
+                                            const StatsOptions& options) {
+  validate(options);
+  for (const TensorView& v : views) validate(v);
+  const int threads = resolve_threads(options.num_threads);
+  const bool want_hist = options.hist_bins > 0;
+  const bool two_pass = want_hist && options.hist_auto_range;
+
+  std::vector<Task> tasks;
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    const std::size_t n = static_cast<std::size_t>(views[i].numel());
+    for (std::size_t b = 0; b < n; b += kChunk) tasks.push_back({i, b, std::min(n, b + kChunk)});
+  }
+
+  std::vector<HistPlan> hplans(views.size());
+  std::vector<Plan> plans(views.size());
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    plans[i].exp_hist = options.exp_hist;
+    if (want_hist && !two_pass) {
+      hplans[i].init(options.hist_bins, options.hist_lo, options.hist_hi);
+      plans[i].hist = &hplans[i];
+    }
+  }
+
+  std::vector<TensorStats> partial;
+  run_tasks(views, tasks, plans, partial, threads);
+  std::vector<TensorStats> out(views.size());
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    if (options.exp_hist) out[i].exp_hist.assign(kExpHistBuckets, 0);
+  }
+  for (std::size_t k = 0; k < tasks.size(); ++k) out[tasks[k].view].merge(partial[k]);
+
+  if (want_hist) {
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      if (two_pass) {
+        double lo, hi;
+        auto_range(out[i], lo, hi);
+        hplans[i].init(options.hist_bins, lo, hi);
+        plans[i].hist = &hplans[i];
+      }
+      plans[i].moments = false;
+      plans[i].exp_hist = false;
+      if (out[i].hist.empty()) {  // empty tensor, or histogram still to be taken
+        out[i].hist.assign(static_cast<std::size_t>(options.hist_bins), 0);
+        out[i].hist_lo = hplans[i].lo;
+        out[i].hist_hi = hplans[i].hi;
+        out[i].hist_below = out[i].hist_above = 0;
+      }
+    }
+    if (two_pass) {
+      run_tasks(views, tasks, plans, partial, threads);
+      for (std::size_t k = 0; k < tasks.size(); ++k) {
+        TensorStats& o = out[tasks[k].view];
+        const TensorStats& p = partial[k];
+        for (std::size_t j = 0; j < o.hist.size(); ++j) o.hist[j] += p.hist[j];
+        o.hist_below += p.hist_below;
+        o.hist_above += p.hist_above;
+      }
+    }
+  }
+  return out;
+}
+
+TensorStats compute_stats(const TensorView& view, const StatsOptions& options) {
+  std::vector<TensorView> one{view};
+  return std::move(compute_stats_many(one, options)[0]);
+}
+
+int get_num_threads() {
+  const int n = g_num_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : default_num_threads();
+}
+
+void set_num_threads(int n) {
+  g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed);
+}
+
+}  // namespace tensorvigil

@@ -1,0 +1,199 @@
+#include "tensorvigil/store/codec.h"
+
+#include <zstd.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "tensorvigil/error.h"
+#include "tensorvigil/internal/bytes.h"
+#include "tensorvigil/internal/thread_pool.h"
+#include "tensorvigil/store/crc32c.h"
+
+namespace tensorvigil::store {
+
+namespace {
+
+template <std::size_t K>
+void shuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i)
+    for (std::size_t b = 0; b < K; ++b) out[b * count + i] = in[i * K + b];
+}
+template <std::size_t K>
+void unshuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i)
+    for (std::size_t b = 0; b < K; ++b) out[i * K + b] = in[b * count + i];
+}
+
+struct CCtxDeleter {
+  void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
+};
+struct DCtxDeleter {
+  void operator()(ZSTD_DCtx* c) const { ZSTD_freeDCtx(c); }
+};
+
+ZSTD_CCtx* thread_cctx() {
+  thread_local std::unique_ptr<ZSTD_CCtx, CCtxDeleter> ctx(ZSTD_createCCtx());
+  return ctx.get();
+}
+ZSTD_DCtx* thread_dctx() {
+  thread_local std::unique_ptr<ZSTD_DCtx, DCtxDeleter> ctx(ZSTD_createDCtx());
+  return ctx.get();
+}
+
+}  // namespace
+
+void byte_shuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
+  if (elem <= 1) {
+    std::memcpy(out, in, n);
+    return;
+  }
+  std::size_t count = n / elem;
+  switch (elem) {
+    case 2: shuffle_fixed<2>(in, out, count); break;
+    case 4: shuffle_fixed<4>(in, out, count); break;
+    case 8: shuffle_fixed<8>(in, out, count); break;
+    default:
+      for (std::size_t i = 0; i < count; ++i)
+        for (std::size_t b = 0; b < elem; ++b) out[b * count + i] = in[i * elem + b];
+  }
+  std::size_t done = count * elem;
+  std::memcpy(out + done, in + done, n - done);
+}
+
+void byte_unshuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
+  if (elem <= 1) {
+    std::memcpy(out, in, n);
+    return;
+  }
+  std::size_t count = n / elem;
+  switch (elem) {
+    case 2: unshuffle_fixed<2>(in, out, count); break;
+    case 4: unshuffle_fixed<4>(in, out, count); break;
+    case 8: unshuffle_fixed<8>(in, out, count); break;
+    default:
+      for (std::size_t i = 0; i < count; ++i)
+        for (std::size_t b = 0; b < elem; ++b) out[i * elem + b] = in[b * count + i];
+  }
+  std::size_t done = count * elem;
+  std::memcpy(out + done, in + done, n - done);
+}
+
+std::size_t chunk_bound(Codec c, std::size_t raw_len) {
+  if (c == Codec::kRaw) return raw_len;
+  std::size_t b = ZSTD_compressBound(raw_len);
+  return b > raw_len ? b : raw_len;
+}
+
+std::size_t encode_chunk(Codec c, const uint8_t* raw, std::size_t raw_len, std::size_t elem,
+                         int level, uint8_t* out) {
+  if (c == Codec::kRaw || raw_len == 0) {
+    std::memcpy(out, raw, raw_len);
+    return raw_len;
+  }
+  const uint8_t* src = raw;
+  thread_local std::vector<uint8_t> scratch;
+  if (c == Codec::kShuffleZstd && elem > 1) {
+    if (scratch.size() < raw_len) scratch.resize(raw_len);
+    byte_shuffle(raw, scratch.data(), raw_len, elem);
+    src = scratch.data();
+  }
+  ZSTD_CCtx* ctx = thread_cctx();
+  ZSTD_CCtx_reset(ctx, ZSTD_reset_session_only);
+  ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, level);
+  ZSTD_CCtx_setParameter(ctx, ZSTD_c_checksumFlag, 0);
+  ZSTD_CCtx_setParameter(ctx, ZSTD_c_contentSizeFlag, 1);
+  std::size_t r = ZSTD_compress2(ctx, out, chunk_bound(c, raw_len), src, raw_len);
+  if (ZSTD_isError(r) || r >= raw_len) {  // incompressible: store verbatim
+    std::memcpy(out, raw, raw_len);
+    return raw_len;
+  }
+  return r;
+}
+
+void decode_chunk(Codec c, const uint8_t* stored, std::size_t stored_len, std::size_t elem,
+                  uint8_t* raw, std::size_t raw_len, const char* where) {
+  if (stored_len == raw_len) {  // verbatim
+    std::memcpy(raw, stored, raw_len);
+    return;
+  }
+  if (c == Codec::kRaw || stored_len > raw_len)
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk length " +
+                                          std::to_string(stored_len) + " does not match " +
+                                          std::to_string(raw_len));
+  thread_local std::vector<uint8_t> scratch;
+  uint8_t* dst = raw;
+  bool shuffled = c == Codec::kShuffleZstd && elem > 1;
+  if (shuffled) {
+    if (scratch.size() < raw_len) scratch.resize(raw_len);
+    dst = scratch.data();
+  }
+  std::size_t r = ZSTD_decompressDCtx(thread_dctx(), dst, raw_len, stored, stored_len);
+  if (ZSTD_isError(r) || r != raw_len)
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] zstd chunk does not decode: " +
+                                          (ZSTD_isError(r) ? ZSTD_getErrorName(r) : "wrong size"));
+  if (shuffled) byte_unshuffle(dst, raw, raw_len, elem);
+}
+
+std::vector<uint8_t> encode_payload(Codec c, const uint8_t* raw, std::size_t n, std::size_t elem,
+                                    int level, std::size_t chunk_size) {
+  std::size_t nch = num_chunks_for(n, chunk_size);
+  std::size_t hdr = container_header_size(nch);
+  std::vector<uint8_t> out(hdr);
+  std::vector<uint8_t> tmp(chunk_bound(c, chunk_size));
+  uint32_t cs = static_cast<uint32_t>(chunk_size), nc = static_cast<uint32_t>(nch);
+  std::memcpy(out.data(), &cs, 4);
+  std::memcpy(out.data() + 4, &nc, 4);
+  for (std::size_t i = 0; i < nch; ++i) {
+    std::size_t len = i + 1 < nch ? chunk_size : n - i * chunk_size;
+    std::size_t s = encode_chunk(c, raw + i * chunk_size, len, elem, level, tmp.data());
+    uint32_t sl = static_cast<uint32_t>(s), crc = crc32c(tmp.data(), s);
+    std::memcpy(out.data() + 8 + 8 * i, &sl, 4);
+    std::memcpy(out.data() + 12 + 8 * i, &crc, 4);
+    out.insert(out.end(), tmp.data(), tmp.data() + s);
+  }
+  return out;
+}
+
+void decode_payload(Codec c, const uint8_t* payload, std::size_t payload_len, std::size_t elem,
+                    uint8_t* raw, std::size_t raw_len, const char* where, int threads) {
+  internal::ByteReader r(payload, payload_len, where);
+  uint32_t chunk_size = r.get<uint32_t>();
+  uint32_t nch = r.get<uint32_t>();
+  if (chunk_size == 0 || chunk_size > kMaxChunkSize)
+    throw_error(ErrorCode::kDataLoss,
+                std::string("[") + where + "] bad chunk size " + std::to_string(chunk_size));
+  if (nch != num_chunks_for(raw_len, chunk_size))
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk count " +
+                                          std::to_string(nch) + " does not match the shape");
+  std::vector<uint64_t> offs(nch + 1);
+  std::vector<uint32_t> lens(nch), crcs(nch);
+  uint64_t pos = container_header_size(nch);
+  if (pos > payload_len)
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk table is truncated");
+  for (uint32_t i = 0; i < nch; ++i) {
+    lens[i] = r.get<uint32_t>();
+    crcs[i] = r.get<uint32_t>();
+    offs[i] = pos;
+    pos += lens[i];
+  }
+  if (pos != payload_len)
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk lengths sum to " +
+                                          std::to_string(pos) + " but the payload has " +
+                                          std::to_string(payload_len) + " bytes");
+  auto one = [&](std::size_t i) {
+    const uint8_t* s = payload + offs[i];
+    if (crc32c(s, lens[i]) != crcs[i])
+      throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] checksum mismatch in chunk " +
+                                            std::to_string(i));
+    std::size_t len = i + 1 < nch ? chunk_size : raw_len - i * static_cast<std::size_t>(chunk_size);
+    decode_chunk(c, s, lens[i], elem, raw + i * static_cast<std::size_t>(chunk_size), len, where);
+  };
+  if (threads > 1 && nch > 1)
+    internal::ThreadPool::global().parallel_for(nch, one, threads);
+  else
+    for (std::size_t i = 0; i < nch; ++i) one(i);
+}
+
+}  // namespace tensorvigil::store

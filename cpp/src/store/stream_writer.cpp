@@ -1,0 +1,630 @@
+#include "tensorvigil/store/stream_writer.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <climits>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "tensorvigil/error.h"
+#include "tensorvigil/store/codec.h"
+#include "tensorvigil/store/crc32c.h"
+
+namespace fs = std::filesystem;
+
+namespace tensorvigil::store {
+
+namespace {
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+std::string os_error(const std::string& op, const std::string& path, int err) {
+  return "[stream_writer." + op + "] '" + path + "': " + std::strerror(err);
+}
+
+/// Reusable, uninitialised byte buffers: fresh memory is expensive to touch for the first time.
+class BufferPool {
+ public:
+  struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    std::size_t cap = 0;
+  };
+  explicit BufferPool(uint64_t max_cached) : max_cached_(max_cached) {}
+
+  Buffer acquire(std::size_t n) {
+    if (n == 0) return {};
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = free_.lower_bound(n);
+    if (it != free_.end() && it->first <= 2 * n + (1u << 20)) {
+      Buffer b = std::move(it->second);
+      cached_ -= b.cap;
+      free_.erase(it);
+      return b;
+    }
+    std::size_t cap = (n + 65535) & ~std::size_t{65535};
+    held_ += cap;
+    return Buffer{std::unique_ptr<uint8_t[]>(new uint8_t[cap]), cap};
+  }
+  void release(Buffer b) {
+    if (!b.data) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    if (cached_ + b.cap > max_cached_) {
+      // Evict the smallest cached buffers first; keep big ones, they are the costly ones.
+      while (!free_.empty() && cached_ + b.cap > max_cached_) {
+        auto it = free_.begin();
+        cached_ -= it->first;
+        held_ -= it->first;
+        free_.erase(it);
+      }
+      if (cached_ + b.cap > max_cached_) {
+        held_ -= b.cap;
+        return;
+      }
+    }
+    cached_ += b.cap;
+    free_.emplace(b.cap, std::move(b));
+  }
+  uint64_t held() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return held_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::multimap<std::size_t, Buffer> free_;
+  uint64_t cached_ = 0;
+  uint64_t held_ = 0;
+  uint64_t max_cached_;
+};
+
+struct Job {
+  FrameKind kind = FrameKind::kTensor;
+  uint16_t flags = 0;
+  Codec codec = Codec::kRaw;
+  std::vector<uint8_t> meta;  // encoded once stats are known
+  TensorMeta tmeta;
+  bool need_stats = false;
+  StatsOptions sopt;
+  BufferPool::Buffer raw;
+  BufferPool::Buffer out;
+  std::size_t elem = 1, nch = 0, chunk = 0, bound = 0;
+  std::vector<uint32_t> clen, ccrc;
+  std::atomic<std::size_t> remaining{0};
+  bool sync_only = false;  // not a frame: fsync the open shard (flush(sync=true))
+  bool ready = false;  // guarded by Impl::mu_
+  uint64_t reserved = 0;
+  std::exception_ptr error;
+};
+
+}  // namespace
+
+struct StreamWriter::Impl {
+  WriterOptions opt;
+  std::string run_dir, dir;
+  uint32_t rank;
+  int lock_fd = -1;
+
+  mutable std::mutex mu;
+  std::condition_variable cv_io, cv_enc, cv_space, cv_idle;
+  std::deque<std::unique_ptr<Job>> jobs;               // submission order
+  std::deque<std::pair<Job*, std::size_t>> tasks;      // (job, task index; nch = stats task)
+  std::vector<std::thread> encoders;
+  std::thread io;
+  bool stopping = false, closed = false;
+  std::exception_ptr failure;
+  uint64_t pending = 0;
+  WriterCounters ctr;    // guarded by mu
+  WriterCounters delta;  // I/O thread's counts not yet folded into ctr
+  BufferPool pool;
+
+  // Shard state (I/O thread only, except at construction/close).
+  int fd = -1;
+  uint32_t seq = 0;
+  std::string shard_path;
+  uint64_t shard_off = 0;
+  double shard_opened = 0;
+  bool shard_clean = true;  // last frame written is a commit (or none yet)
+  uint64_t shard_commits = 0;
+  std::vector<IndexEntry> index;
+  uint64_t total_commits = 0;
+
+  Impl(const WriterOptions& o) : opt(o), pool(o.max_pending_bytes) {}
+
+  void check_failed() {
+    if (failure) std::rethrow_exception(failure);
+  }
+
+  // --- file I/O (I/O thread) ---
+  void write_all(const struct iovec* iov, int n) {
+    std::vector<struct iovec> v(iov, iov + n);
+    std::size_t i = 0;
+    while (i < v.size()) {
+      int cnt = static_cast<int>(std::min<std::size_t>(v.size() - i, IOV_MAX));
+      ssize_t w = ::writev(fd, v.data() + i, cnt);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        throw Error(ErrorCode::kIo, os_error("write", shard_path, errno));
+      }
+      shard_off += static_cast<uint64_t>(w);
+      delta.file_bytes += static_cast<uint64_t>(w);
+      std::size_t left = static_cast<std::size_t>(w);
+      while (i < v.size() && left >= v[i].iov_len) left -= v[i++].iov_len;
+      if (left) {
+        v[i].iov_base = static_cast<uint8_t*>(v[i].iov_base) + left;
+        v[i].iov_len -= left;
+      }
+    }
+  }
+
+  void open_shard() {
+    shard_path = dir + "/" + shard_file_name(seq);
+    fd = ::open(shard_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) throw Error(ErrorCode::kIo, os_error("open", shard_path, errno));
+    uint8_t h[kShardHeaderSize];
+    encode_shard_header(h, rank, seq);
+    shard_off = 0;
+    struct iovec iov{h, kShardHeaderSize};
+    write_all(&iov, 1);
+    shard_opened = now_seconds();
+    shard_clean = true;
+    shard_commits = 0;
+    index.clear();
+    ++delta.shards;
+  }
+
+  void write_frame(FrameHeader& h, const std::vector<uint8_t>& meta,
+                   const std::vector<struct iovec>& payload) {
+    h.meta_len = static_cast<uint32_t>(meta.size());
+    h.meta_crc = crc32c(meta.data(), meta.size());
+    uint8_t hb[kFrameHeaderSize];
+    encode_frame_header(hb, h);
+    std::vector<struct iovec> iov;
+    iov.reserve(payload.size() + 2);
+    iov.push_back({hb, kFrameHeaderSize});
+    if (!meta.empty()) iov.push_back({const_cast<uint8_t*>(meta.data()), meta.size()});
+    for (const auto& p : payload)
+      if (p.iov_len) iov.push_back(p);
+    uint64_t at = shard_off;
+    write_all(iov.data(), static_cast<int>(iov.size()));
+    if (h.kind != FrameKind::kIndex) index.push_back(IndexEntry{at, h, meta});
+  }
+
+  void seal_shard(bool end_of_stream) {
+    if (fd < 0) return;
+    if (end_of_stream) {
+      FrameHeader h;
+      h.kind = FrameKind::kEnd;
+      write_frame(h, encode_end_meta(now_seconds(), total_commits), {});
+    }
+    FrameHeader h;
+    h.kind = FrameKind::kIndex;
+    uint64_t at = shard_off;
+    std::vector<uint8_t> meta = encode_index_meta(index);
+    write_frame(h, meta, {});
+    uint8_t foot[kFooterSize];
+    encode_footer(foot, at, shard_off - at, static_cast<uint32_t>(index.size()));
+    struct iovec iov{foot, kFooterSize};
+    write_all(&iov, 1);
+    if (opt.fsync && ::fsync(fd) != 0) throw Error(ErrorCode::kIo, os_error("fsync", shard_path, errno));
+    ::close(fd);
+    fd = -1;
+    ++seq;
+  }
+
+  void write_job(Job& j) {
+    FrameHeader h;
+    h.kind = j.kind;
+    h.flags = j.flags;
+    if (j.kind != FrameKind::kTensor) {
+      write_frame(h, j.meta, {});
+      if (j.kind == FrameKind::kCommit) {
+        shard_clean = true;
+        ++shard_commits;
+        ++total_commits;
+        ++delta.commits;
+      }
+      return;
+    }
+    h.codec = j.codec;
+    std::vector<uint8_t> table;
+    std::vector<struct iovec> payload;
+    if (j.nch > 0) {
+      table.resize(container_header_size(j.nch));
+      uint32_t cs = static_cast<uint32_t>(j.chunk), nc = static_cast<uint32_t>(j.nch);
+      std::memcpy(table.data(), &cs, 4);
+      std::memcpy(table.data() + 4, &nc, 4);
+      payload.push_back({table.data(), table.size()});
+      for (std::size_t i = 0; i < j.nch; ++i) {
+        std::memcpy(table.data() + 8 + 8 * i, &j.clen[i], 4);
+        std::memcpy(table.data() + 12 + 8 * i, &j.ccrc[i], 4);
+        uint8_t* src = j.codec == Codec::kRaw ? j.raw.data.get() + i * j.chunk
+                                              : j.out.data.get() + i * j.bound;
+        payload.push_back({src, j.clen[i]});
+      }
+      h.payload_crc = crc32c(table.data(), table.size());
+      uint64_t stored = table.size();
+      for (auto c : j.clen) stored += c;
+      h.payload_len = stored;
+      delta.raw_bytes += j.tmeta.raw_nbytes;
+      delta.stored_bytes += stored;
+    }
+    write_frame(h, j.meta, payload);
+    shard_clean = false;
+    ++delta.tensors;
+  }
+
+  void fold_delta() {  // requires mu
+    ctr.tensors += delta.tensors;
+    ctr.commits += delta.commits;
+    ctr.raw_bytes += delta.raw_bytes;
+    ctr.stored_bytes += delta.stored_bytes;
+    ctr.file_bytes += delta.file_bytes;
+    ctr.shards += delta.shards;
+    delta = WriterCounters{};
+  }
+
+  bool roll_due() const {
+    if (fd < 0 || !shard_clean || shard_commits == 0) return false;
+    return shard_off >= opt.roll_bytes || now_seconds() - shard_opened >= opt.roll_seconds;
+  }
+
+  void io_loop() {
+    std::unique_lock<std::mutex> lk(mu);
+    for (;;) {
+      auto wait_for = std::chrono::duration<double>(opt.roll_seconds > 0 ? opt.roll_seconds : 1.0);
+      cv_io.wait_for(lk, wait_for, [&] {
+        return (stopping && jobs.empty()) || (!jobs.empty() && jobs.front()->ready);
+      });
+      if (!jobs.empty() && jobs.front()->ready) {
+        std::unique_ptr<Job> j = std::move(jobs.front());
+        jobs.pop_front();
+        lk.unlock();
+        std::exception_ptr err = j->error;
+        if (!err && !failure) {
+          try {
+            if (j->sync_only) {
+              if (fd >= 0 && ::fsync(fd) != 0)
+                throw Error(ErrorCode::kIo, os_error("fsync", shard_path, errno));
+            } else {
+              if (fd < 0) open_shard();
+              write_job(*j);
+              if (j->kind == FrameKind::kCommit && roll_due()) seal_shard(false);
+            }
+          } catch (...) {
+            err = std::current_exception();
+          }
+        }
+        uint64_t reserved = j->reserved;
+        pool.release(std::move(j->raw));
+        pool.release(std::move(j->out));
+        j.reset();
+        lk.lock();
+        fold_delta();
+        if (err && !failure) failure = err;
+        pending -= reserved;
+        cv_space.notify_all();
+        if (jobs.empty()) cv_idle.notify_all();
+        continue;
+      }
+      if (stopping && jobs.empty()) return;
+      // Woken by the timer: roll an idle shard so readers of sealed shards catch up.
+      if (jobs.empty() && !failure && roll_due()) {
+        lk.unlock();
+        std::exception_ptr err;
+        try {
+          seal_shard(false);
+        } catch (...) {
+          err = std::current_exception();
+        }
+        lk.lock();
+        fold_delta();
+        if (err && !failure) failure = err;
+      }
+    }
+  }
+
+  void run_task(Job& j, std::size_t t) {
+    try {
+      if (t == j.nch) {  // statistics task
+        TensorView v;
+        v.data = j.raw.data.get();
+        v.dtype = j.tmeta.dtype;
+        v.shape = j.tmeta.shape;
+        StatsOptions so = j.sopt;
+        so.num_threads = 1;
+        j.tmeta.stats = compute_stats(v, so);
+      } else {
+        std::size_t len = t + 1 < j.nch ? j.chunk : j.tmeta.raw_nbytes - t * j.chunk;
+        const uint8_t* src = j.raw.data.get() + t * j.chunk;
+        if (j.codec == Codec::kRaw) {
+          j.clen[t] = static_cast<uint32_t>(len);
+          j.ccrc[t] = crc32c(src, len);
+        } else {
+          uint8_t* dst = j.out.data.get() + t * j.bound;
+          std::size_t s = encode_chunk(j.codec, src, len, j.elem, opt.level, dst);
+          j.clen[t] = static_cast<uint32_t>(s);
+          j.ccrc[t] = crc32c(dst, s);
+        }
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu);
+      if (!j.error) j.error = std::current_exception();
+    }
+    if (j.remaining.fetch_sub(1) == 1) {
+      if (!j.error) {
+        try {
+          j.meta = encode_tensor_meta(j.tmeta);
+        } catch (...) {
+          j.error = std::current_exception();
+        }
+      }
+      std::lock_guard<std::mutex> lk(mu);
+      j.ready = true;
+      cv_io.notify_all();
+    }
+  }
+
+  void encoder_loop() {
+    std::unique_lock<std::mutex> lk(mu);
+    for (;;) {
+      cv_enc.wait(lk, [&] { return stopping || !tasks.empty(); });
+      if (tasks.empty()) {
+        if (stopping) return;
+        continue;
+      }
+      auto [j, t] = tasks.front();
+      tasks.pop_front();
+      lk.unlock();
+      run_task(*j, t);
+      lk.lock();
+    }
+  }
+
+  void enqueue_ready(std::unique_ptr<Job> j) {
+    std::lock_guard<std::mutex> lk(mu);
+    j->ready = true;
+    jobs.push_back(std::move(j));
+    cv_io.notify_all();
+  }
+};
+
+StreamWriter::StreamWriter(const std::string& run_dir, uint32_t rank, const WriterOptions& options)
+    : impl_(std::make_unique<Impl>(options)) {
+  Impl& s = *impl_;
+  if (options.threads < 1 || options.threads > 256)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer] threads must be in [1, 256]");
+  if (options.chunk_size < 4096 || options.chunk_size > kMaxChunkSize)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[stream_writer] chunk_size must be in [4096, " + std::to_string(kMaxChunkSize) + "]");
+  if (options.max_pending_bytes == 0)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer] max_pending_bytes must be > 0");
+  s.run_dir = run_dir;
+  s.rank = rank;
+  s.dir = run_dir + "/" + rank_dir_name(rank);
+  std::error_code ec;
+  fs::create_directories(s.dir, ec);
+  if (ec) throw Error(ErrorCode::kIo, "[stream_writer.open] cannot create '" + s.dir + "': " + ec.message());
+  std::string lock_path = s.dir + "/writer.lock";
+  s.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (s.lock_fd < 0) throw Error(ErrorCode::kIo, os_error("open", lock_path, errno));
+  if (::flock(s.lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    ::close(s.lock_fd);
+    if (e == EWOULDBLOCK)
+      throw Error(ErrorCode::kFailedPrecondition,
+                  "[stream_writer.open] another writer holds the stream of rank " +
+                      std::to_string(rank) + " in '" + run_dir + "' (" + lock_path + ")");
+    throw Error(ErrorCode::kIo, os_error("lock", lock_path, e));
+  }
+  // Continue after the shards of a previous writer of this rank.
+  uint32_t next = 0;
+  for (const auto& entry : fs::directory_iterator(s.dir, ec)) {
+    std::string n = entry.path().filename().string();
+    unsigned v;
+    if (n.size() == 18 && std::sscanf(n.c_str(), "shard-%8u.tvs", &v) == 1 && v + 1 > next) next = v + 1;
+  }
+  s.seq = next;
+  for (int i = 0; i < options.threads; ++i) s.encoders.emplace_back([&s] { s.encoder_loop(); });
+  s.io = std::thread([&s] { s.io_loop(); });
+}
+
+StreamWriter::~StreamWriter() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void StreamWriter::write_tensor(const std::string& name, int64_t step, Mode mode,
+                                int64_t mode_step, const TensorView& view, bool stats_only,
+                                const StatsOptions& stats_options, std::optional<Codec> codec,
+                                const TensorStats* stats) {
+  Impl& s = *impl_;
+  if (name.empty() || name.size() > kMaxNameLen)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] tensor name must have 1.." +
+                                                 std::to_string(kMaxNameLen) + " bytes");
+  if (step < 0 || mode_step < 0)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[stream_writer.write] step must be >= 0, got " + std::to_string(step < 0 ? step : mode_step));
+  if (static_cast<uint8_t>(mode) > static_cast<uint8_t>(Mode::kGlobal))
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] unknown mode");
+  if (view.shape.size() > kMaxNdim)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] more than 32 dimensions");
+  for (int64_t d : view.shape)
+    if (d < 0) throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] negative dimension");
+  if (view.device != DeviceType::kCpu)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[stream_writer.write] the view must be in host memory; copy device tensors first");
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (s.closed) throw_error(ErrorCode::kFailedPrecondition, "[stream_writer.write] writer is closed");
+    s.check_failed();
+  }
+  auto j = std::make_unique<Job>();
+  j->tmeta.name = name;
+  j->tmeta.step = step;
+  j->tmeta.mode = mode;
+  j->tmeta.mode_step = mode_step;
+  j->tmeta.dtype = view.dtype;
+  j->tmeta.shape = view.shape;
+  j->tmeta.raw_nbytes = view.nbytes();
+  j->tmeta.wall_time = now_seconds();
+  j->elem = dtype_size(view.dtype);
+  j->codec = codec ? *codec : (dtype_is_float(view.dtype) ? s.opt.codec : s.opt.int_codec);
+  const uint64_t nbytes = j->tmeta.raw_nbytes;
+
+  auto finish_sync = [&](uint16_t flag) {
+    j->flags = flag;
+    j->codec = Codec::kRaw;
+    j->nch = 0;  // no payload
+    j->tmeta.stats = stats ? *stats : compute_stats(view, stats_options);
+    j->meta = encode_tensor_meta(j->tmeta);
+    s.enqueue_ready(std::move(j));
+  };
+  if (stats_only) return finish_sync(kFlagStatsOnly);
+
+  j->chunk = s.opt.chunk_size - s.opt.chunk_size % j->elem;
+  j->nch = num_chunks_for(nbytes, j->chunk);
+  j->bound = j->codec == Codec::kRaw ? 0 : chunk_bound(j->codec, j->chunk);
+  uint64_t need = nbytes + j->nch * j->bound;
+  {
+    std::unique_lock<std::mutex> lk(s.mu);
+    auto fits = [&] { return s.pending == 0 || s.pending + need <= s.opt.max_pending_bytes; };
+    if (!fits()) {
+      if (s.opt.policy == PendingPolicy::kSkip) {
+        ++s.ctr.dropped;
+        lk.unlock();
+        return finish_sync(kFlagDropped);
+      }
+      s.cv_space.wait(lk, [&] { return fits() || s.failure != nullptr; });
+      s.check_failed();
+    }
+    s.pending += need;
+    s.ctr.peak_pending_bytes = std::max(s.ctr.peak_pending_bytes, s.pending);
+  }
+  j->reserved = need;
+  j->raw = s.pool.acquire(nbytes);
+  if (j->bound) j->out = s.pool.acquire(j->nch * j->bound);
+  if (nbytes) std::memcpy(j->raw.data.get(), view.data, nbytes);
+  j->clen.assign(j->nch, 0);
+  j->ccrc.assign(j->nch, 0);
+  j->need_stats = stats == nullptr;
+  if (stats) j->tmeta.stats = *stats;
+  j->sopt = stats_options;
+  std::size_t ntasks = j->nch + (j->need_stats ? 1 : 0);
+  if (ntasks == 0) {
+    j->meta = encode_tensor_meta(j->tmeta);
+    return s.enqueue_ready(std::move(j));
+  }
+  j->remaining.store(ntasks);
+  Job* raw = j.get();
+  std::lock_guard<std::mutex> lk(s.mu);
+  s.jobs.push_back(std::move(j));
+  if (raw->need_stats) s.tasks.emplace_back(raw, raw->nch);  // statistics first: it is the longest
+  for (std::size_t t = 0; t < raw->nch; ++t) s.tasks.emplace_back(raw, t);
+  s.cv_enc.notify_all();
+}
+
+void StreamWriter::commit_step(int64_t step, Mode mode, int64_t mode_step) {
+  Impl& s = *impl_;
+  if (step < 0 || mode_step < 0)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.commit] step must be >= 0");
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (s.closed) throw_error(ErrorCode::kFailedPrecondition, "[stream_writer.commit] writer is closed");
+    s.check_failed();
+  }
+  auto j = std::make_unique<Job>();
+  j->kind = FrameKind::kCommit;
+  CommitMeta c;
+  c.step = step;
+  c.mode = mode;
+  c.mode_step = mode_step;
+  c.wall_time = now_seconds();
+  j->meta = encode_commit_meta(c);
+  s.enqueue_ready(std::move(j));
+}
+
+void StreamWriter::flush(bool sync) {
+  Impl& s = *impl_;
+  if (sync) {
+    auto j = std::make_unique<Job>();
+    j->sync_only = true;
+    s.enqueue_ready(std::move(j));
+  }
+  std::unique_lock<std::mutex> lk(s.mu);
+  s.cv_idle.wait(lk, [&] { return s.jobs.empty(); });
+  s.check_failed();
+}
+
+void StreamWriter::close() {
+  Impl& s = *impl_;
+  {
+    std::unique_lock<std::mutex> lk(s.mu);
+    if (s.closed) {
+      return;
+    }
+    s.closed = true;
+    s.cv_idle.wait(lk, [&] { return s.jobs.empty(); });
+    s.stopping = true;
+  }
+  s.cv_enc.notify_all();
+  s.cv_io.notify_all();
+  for (auto& t : s.encoders) t.join();
+  if (s.io.joinable()) s.io.join();
+  std::exception_ptr err = s.failure;
+  if (!err) {
+    try {
+      if (s.fd < 0) s.open_shard();  // an empty stream still records that it ended
+      s.seal_shard(true);
+    } catch (...) {
+      err = std::current_exception();
+    }
+  }
+  if (s.fd >= 0) ::close(s.fd);
+  s.fd = -1;
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    s.fold_delta();
+    if (err && !s.failure) s.failure = err;
+  }
+  if (s.lock_fd >= 0) {
+    ::flock(s.lock_fd, LOCK_UN);
+    ::close(s.lock_fd);
+    s.lock_fd = -1;
+  }
+  if (err) std::rethrow_exception(err);
+}
+
+bool StreamWriter::closed() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->closed;
+}
+
+WriterCounters StreamWriter::counters() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  WriterCounters c = impl_->ctr;
+  c.pending_bytes = impl_->pending;
+  c.pool_bytes = impl_->pool.held();
+  return c;
+}
+
+const std::string& StreamWriter::path() const { return impl_->dir; }
+
+}  // namespace tensorvigil::store

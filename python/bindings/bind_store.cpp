@@ -1,0 +1,330 @@
+// Bindings of the store: StreamWriter and RunReader. The GIL is released around every call that
+// copies, compresses, reads or waits.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "casters.h"
+#include "tensorvigil/error.h"
+#include "tensorvigil/store/run_reader.h"
+#include "tensorvigil/store/stream_writer.h"
+
+namespace py = pybind11;
+
+namespace tensorvigil::py_bind {
+
+using store::Codec;
+using store::Mode;
+using store::RecordInfo;
+using store::RunReader;
+using store::StreamWriter;
+using store::WriterOptions;
+
+namespace {
+
+Mode mode_from_int(int m) {
+  if (m < 0 || m > 3)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[store] mode must be 0 (train), 1 (eval), 2 (predict) or 3 (global), got " +
+                    std::to_string(m));
+  return static_cast<Mode>(m);
+}
+
+StatsOptions stats_options(int hist_bins, std::optional<std::pair<double, double>> hist_range,
+                           bool exp_hist) {
+  StatsOptions o;
+  o.hist_bins = hist_bins;
+  o.exp_hist = exp_hist;
+  if (hist_range) {
+    o.hist_auto_range = false;
+    o.hist_lo = hist_range->first;
+    o.hist_hi = hist_range->second;
+  }
+  return o;
+}
+
+template <typename T>
+py::array_t<T> column(std::size_t n) {
+  return py::array_t<T>(static_cast<py::ssize_t>(n));
+}
+
+}  // namespace
+
+void init_store(py::module_& m) {
+  py::class_<StreamWriter>(m, "StreamWriter", R"doc(
+Append-only writer of one rank's stream of shard files.
+
+Statistics, compression and file I/O run on the writer's threads; ``write`` only copies the
+array (with the GIL released) and returns.
+
+Args:
+    run_dir: Run directory (created if missing).
+    rank: Rank whose stream this writer owns; one live writer per rank (file lock).
+    codec: Default codec for floating-point tensors: "shuffle-zstd" (default), "zstd" or "raw".
+    level: zstd level (negative is faster, larger).
+    chunk_size: Raw bytes per independently compressed chunk.
+    max_pending_bytes: Bound on memory held by writes not yet on disk.
+    policy: "block" (wait for space, lose nothing) or "skip" (drop the payload, keep statistics).
+    roll_bytes: Start a new shard after a step commit once the shard is this large.
+    roll_seconds: ... or once it is this old.
+    threads: Encoder threads.
+    fsync: fsync shards when sealed and on close.
+)doc")
+      .def(py::init([](const std::string& run_dir, uint32_t rank, const std::string& codec,
+                       int level, uint32_t chunk_size, uint64_t max_pending_bytes,
+                       const std::string& policy, uint64_t roll_bytes, double roll_seconds,
+                       int threads, bool fsync) {
+             WriterOptions o;
+             o.codec = store::codec_from_name(codec);
+             o.level = level;
+             o.chunk_size = chunk_size;
+             o.max_pending_bytes = max_pending_bytes;
+             if (policy == "block")
+               o.policy = store::PendingPolicy::kBlock;
+             else if (policy == "skip")
+               o.policy = store::PendingPolicy::kSkip;
+             else
+               throw_error(ErrorCode::kInvalidArgument,
+                           "[stream_writer] policy must be 'block' or 'skip', got '" + policy + "'");
+             o.roll_bytes = roll_bytes;
+             o.roll_seconds = roll_seconds;
+             o.threads = threads;
+             o.fsync = fsync;
+             py::gil_scoped_release nogil;
+             return std::make_unique<StreamWriter>(run_dir, rank, o);
+           }),
+           py::arg("run_dir"), py::arg("rank") = 0, py::arg("codec") = "shuffle-zstd",
+           py::arg("level") = 1, py::arg("chunk_size") = store::kDefaultChunkSize,
+           py::arg("max_pending_bytes") = 512ull << 20, py::arg("policy") = "block",
+           py::arg("roll_bytes") = 256ull << 20, py::arg("roll_seconds") = 30.0,
+           py::arg("threads") = 2, py::arg("fsync") = true)
+      .def(
+          "write",
+          [](StreamWriter& w, const std::string& name, int64_t step, const py::array& arr,
+             int mode, std::optional<int64_t> mode_step, bool stats_only, int hist_bins,
+             std::optional<std::pair<double, double>> hist_range, bool exp_hist,
+             std::optional<std::string> codec, const std::string& dtype) {
+            TensorView v = view_from_array(arr, dtype);
+            StatsOptions so = stats_options(hist_bins, hist_range, exp_hist);
+            std::optional<Codec> c;
+            if (codec) c = store::codec_from_name(*codec);
+            Mode md = mode_from_int(mode);
+            py::gil_scoped_release nogil;
+            w.write_tensor(name, step, md, mode_step.value_or(step), v, stats_only, so, c);
+          },
+          py::arg("name"), py::arg("step"), py::arg("array"), py::arg("mode") = 0,
+          py::arg("mode_step") = py::none(), py::arg("stats_only") = false,
+          py::arg("hist_bins") = 0, py::arg("hist_range") = py::none(),
+          py::arg("exp_hist") = false, py::arg("codec") = py::none(), py::arg("dtype") = "",
+          R"doc(Enqueues one C-contiguous array as tensor ``name`` of ``step``.
+
+The array is copied before the call returns (unless ``stats_only``), so the caller may reuse
+it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 view).)doc")
+      .def(
+          "commit",
+          [](StreamWriter& w, int64_t step, int mode, std::optional<int64_t> mode_step) {
+            Mode md = mode_from_int(mode);
+            py::gil_scoped_release nogil;
+            w.commit_step(step, md, mode_step.value_or(step));
+          },
+          py::arg("step"), py::arg("mode") = 0, py::arg("mode_step") = py::none(),
+          "Marks ``step`` complete; readers see its tensors once this is on disk.")
+      .def("flush", &StreamWriter::flush, py::arg("sync") = false,
+           py::call_guard<py::gil_scoped_release>(),
+           "Waits until everything submitted is written (and fsynced when ``sync``).")
+      .def("close", &StreamWriter::close, py::call_guard<py::gil_scoped_release>(),
+           "Flushes, seals the last shard, releases the lock. Idempotent.")
+      .def_property_readonly("closed", &StreamWriter::closed)
+      .def_property_readonly("path", &StreamWriter::path)
+      .def("counters", [](const StreamWriter& w) {
+        store::WriterCounters c = w.counters();
+        py::dict d;
+        d["tensors"] = c.tensors;
+        d["commits"] = c.commits;
+        d["dropped"] = c.dropped;
+        d["raw_bytes"] = c.raw_bytes;
+        d["stored_bytes"] = c.stored_bytes;
+        d["file_bytes"] = c.file_bytes;
+        d["shards"] = c.shards;
+        d["pending_bytes"] = c.pending_bytes;
+        d["peak_pending_bytes"] = c.peak_pending_bytes;
+        d["pool_bytes"] = c.pool_bytes;
+        return d;
+      }, "Counters: tensors, commits, dropped, raw/stored/file bytes, shards, pending bytes.");
+
+  py::class_<RecordInfo>(m, "Record", "Metadata and statistics of one stored tensor.")
+      .def_readonly("rank", &RecordInfo::rank)
+      .def_readonly("step", &RecordInfo::step)
+      .def_readonly("mode_step", &RecordInfo::mode_step)
+      .def_property_readonly("mode", [](const RecordInfo& r) { return static_cast<int>(r.mode); })
+      .def_property_readonly("dtype", [](const RecordInfo& r) { return dtype_name(r.dtype); })
+      .def_property_readonly("codec", [](const RecordInfo& r) { return store::codec_name(r.codec); })
+      .def_property_readonly("shape", [](const RecordInfo& r) { return py::tuple(py::cast(r.shape)); })
+      .def_readonly("nbytes", &RecordInfo::raw_nbytes)
+      .def_readonly("stored_nbytes", &RecordInfo::payload_len)
+      .def_readonly("wall_time", &RecordInfo::wall_time)
+      .def_property_readonly("has_value", &RecordInfo::has_value)
+      .def_property_readonly("dropped", [](const RecordInfo& r) { return (r.flags & store::kFlagDropped) != 0; })
+      .def_readonly("stats", &RecordInfo::stats);
+
+  py::class_<RunReader>(m, "RunReader", R"doc(
+Reader of a run directory (all ranks). Sees committed steps only; ``refresh`` picks up what
+writers appended since. ``strict=False`` lists corruption in ``problems`` instead of raising.)doc")
+      .def(py::init<const std::string&, bool>(), py::arg("run_dir"), py::arg("strict") = true,
+           py::call_guard<py::gil_scoped_release>())
+      .def("refresh", &RunReader::refresh, py::call_guard<py::gil_scoped_release>(),
+           "Reads what was appended; returns the number of newly committed steps.")
+      .def("ranks", &RunReader::ranks)
+      .def("names", &RunReader::names)
+      .def("name_id", &RunReader::name_id)
+      .def("ended", &RunReader::ended)
+      .def("writer_alive", &RunReader::writer_alive)
+      .def_property_readonly("problems", &RunReader::problems)
+      .def("num_records", [](const RunReader& r) { return r.records().size(); })
+      .def(
+          "record",
+          [](const RunReader& r, const std::string& name, int64_t step, uint32_t rank) -> py::object {
+            int64_t id = r.name_id(name);
+            const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
+            if (!rec) return py::none();
+            return py::cast(*rec);
+          },
+          py::arg("name"), py::arg("step"), py::arg("rank") = 0,
+          "The Record of (name, step, rank), or None.")
+      .def(
+          "read",
+          [](const RunReader& r, const std::string& name, int64_t step, uint32_t rank, int threads) {
+            int64_t id = r.name_id(name);
+            const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
+            if (!rec)
+              throw_error(ErrorCode::kNotFound, "[run_reader.read] no tensor '" + name +
+                                                    "' at step " + std::to_string(step) +
+                                                    " of rank " + std::to_string(rank));
+            if (!rec->has_value()) {
+              py::gil_scoped_release nogil;
+              r.read_value(*rec, nullptr, threads);  // raises NotFound with the reason
+            }
+            std::vector<py::ssize_t> shape(rec->shape.begin(), rec->shape.end());
+            py::array out(numpy_dtype(rec->dtype), shape);
+            void* dst = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              r.read_value(*rec, dst, threads);
+            }
+            return out;
+          },
+          py::arg("name"), py::arg("step"), py::arg("rank") = 0, py::arg("threads") = 2,
+          "Decodes the values of (name, step, rank) into a new numpy array.")
+      .def(
+          "commits",
+          [](const RunReader& r) {
+            const auto& cs = r.commits();
+            auto rank = column<uint32_t>(cs.size());
+            auto step = column<int64_t>(cs.size());
+            auto mode_step = column<int64_t>(cs.size());
+            auto mode = column<uint8_t>(cs.size());
+            auto wall = column<double>(cs.size());
+            auto ntens = column<uint32_t>(cs.size());
+            for (std::size_t i = 0; i < cs.size(); ++i) {
+              rank.mutable_data()[i] = cs[i].rank;
+              step.mutable_data()[i] = cs[i].step;
+              mode_step.mutable_data()[i] = cs[i].mode_step;
+              mode.mutable_data()[i] = static_cast<uint8_t>(cs[i].mode);
+              wall.mutable_data()[i] = cs[i].wall_time;
+              ntens.mutable_data()[i] = cs[i].num_tensors;
+            }
+            py::dict d;
+            d["rank"] = rank;
+            d["step"] = step;
+            d["mode_step"] = mode_step;
+            d["mode"] = mode;
+            d["wall_time"] = wall;
+            d["num_tensors"] = ntens;
+            return d;
+          },
+          "Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors.")
+      .def(
+          "stats_columns",
+          [](const RunReader& r, std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
+             std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
+            store::Selection sel;
+            sel.name_ids = std::move(name_ids);
+            sel.ranks = std::move(ranks);
+            if (step_min) sel.step_min = *step_min;
+            if (step_max) sel.step_max = *step_max;
+            sel.mode = mode;
+            std::vector<std::size_t> idx;
+            {
+              py::gil_scoped_release nogil;
+              idx = r.select(sel);
+            }
+            const std::size_t n = idx.size();
+            auto name_id = column<int32_t>(n);
+            auto rank = column<uint32_t>(n);
+            auto step = column<int64_t>(n);
+            auto mode_step = column<int64_t>(n);
+            auto md = column<uint8_t>(n);
+            auto has_value = column<bool>(n);
+            const char* u64_names[] = {"numel", "nan", "posinf", "neginf", "zeros"};
+            const char* f64_names[] = {"min", "max", "mean", "var", "std", "l1", "l2", "abs_max", "wall_time"};
+            std::vector<py::array_t<uint64_t>> u64;
+            std::vector<py::array_t<double>> f64;
+            for (int k = 0; k < 5; ++k) u64.push_back(column<uint64_t>(n));
+            for (int k = 0; k < 9; ++k) f64.push_back(column<double>(n));
+            {
+              int32_t* pn = name_id.mutable_data();
+              uint32_t* pr = rank.mutable_data();
+              int64_t* ps = step.mutable_data();
+              int64_t* pms = mode_step.mutable_data();
+              uint8_t* pm = md.mutable_data();
+              bool* pv = has_value.mutable_data();
+              uint64_t* pu[5];
+              double* pf[9];
+              for (int k = 0; k < 5; ++k) pu[k] = u64[k].mutable_data();
+              for (int k = 0; k < 9; ++k) pf[k] = f64[k].mutable_data();
+              const auto& recs = r.records();
+              py::gil_scoped_release nogil;
+              for (std::size_t i = 0; i < n; ++i) {
+                const RecordInfo& rec = recs[idx[i]];
+                const TensorStats& s = rec.stats;
+                pn[i] = static_cast<int32_t>(rec.name_id);
+                pr[i] = rec.rank;
+                ps[i] = rec.step;
+                pms[i] = rec.mode_step;
+                pm[i] = static_cast<uint8_t>(rec.mode);
+                pv[i] = rec.has_value();
+                pu[0][i] = s.numel;
+                pu[1][i] = s.nan;
+                pu[2][i] = s.posinf;
+                pu[3][i] = s.neginf;
+                pu[4][i] = s.zeros;
+                pf[0][i] = s.min;
+                pf[1][i] = s.max;
+                pf[2][i] = s.mean;
+                pf[3][i] = s.var();
+                pf[4][i] = s.std();
+                pf[5][i] = s.l1();
+                pf[6][i] = s.l2();
+                pf[7][i] = s.abs_max;
+                pf[8][i] = rec.wall_time;
+              }
+            }
+            py::dict d;
+            d["name_id"] = name_id;
+            d["rank"] = rank;
+            d["step"] = step;
+            d["mode"] = md;
+            d["mode_step"] = mode_step;
+            d["has_value"] = has_value;
+            for (int k = 0; k < 5; ++k) d[u64_names[k]] = u64[k];
+            for (int k = 0; k < 9; ++k) d[f64_names[k]] = f64[k];
+            return d;
+          },
+          py::arg("name_ids") = std::vector<uint32_t>{}, py::arg("ranks") = std::vector<uint32_t>{},
+          py::arg("step_min") = py::none(), py::arg("step_max") = py::none(), py::arg("mode") = -1,
+          "Statistics of the selected records as numpy columns (one row per record).");
+}
+
+}  // namespace tensorvigil::py_bind

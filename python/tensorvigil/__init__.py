@@ -1,0 +1,59 @@
+"""tensorvigil: an open, self-hosted debugger for machine-learning training.
+
+Capture tensors and fused statistics while a model trains, store them in a crash-safe,
+checksummed format, and read them back (also while training runs).
+
+``import tensorvigil`` is light: it loads the native core and NumPy only; torch, pyarrow and
+matplotlib are imported when a feature needs them.
+
+Example:
+    >>> import tensorvigil as tv
+    >>> with tv.StoreWriter("runs/exp1") as w:
+    ...     w.write("w", 0, np.ones(3)); w.commit(0)
+    >>> tv.open("runs/exp1").tensor("w").stats(0).mean
+    1.0
+"""
+
+from __future__ import annotations
+
+from . import _core
+from .errors import (
+    DataCorruptionError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    StepNotAvailableError,
+    StoreIOError,
+    TensorNotFoundError,
+    TensorVigilError,
+    UnsupportedError,
+)
+from .modes import Mode
+from .stats import Stats, compute_stats, compute_stats_many, get_num_threads, set_num_threads
+from .store import Run, StoreWriter, Tensor
+from .store import open_run as open  # noqa: A001 - the public verb is tv.open
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "DataCorruptionError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "Mode",
+    "NotFoundError",
+    "Run",
+    "Stats",
+    "StepNotAvailableError",
+    "StoreIOError",
+    "StoreWriter",
+    "Tensor",
+    "TensorNotFoundError",
+    "TensorVigilError",
+    "UnsupportedError",
+    "__version__",
+    "compute_stats",
+    "compute_stats_many",
+    "get_num_threads",
+    "open",
+    "set_num_threads",
+]

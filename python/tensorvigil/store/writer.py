@@ -1,0 +1,188 @@
+"""Writing a run: :class:`StoreWriter` wraps the native per-rank stream writer."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import operator
+import os
+from typing import Any, Optional, Sequence
+
+from .. import _core
+from .._arrays import as_array
+from ..errors import InvalidArgumentError, StoreIOError
+from ..modes import ModeLike, to_mode
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "tensorvigil-store"
+FORMAT_VERSION = (1, 0)
+
+
+def write_manifest(run_dir: str) -> None:
+    """Creates ``run_dir`` and its manifest if they do not exist (atomic, idempotent)."""
+    path = os.path.join(run_dir, MANIFEST_NAME)
+    if os.path.exists(path):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": list(FORMAT_VERSION),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "producer": f"tensorvigil {_core.__version__}",
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class StoreWriter:
+    """Writes tensors and their statistics into one rank's stream of a run.
+
+    Compression, checksums and I/O happen on native threads with the GIL released;
+    :meth:`write` only copies the tensor. A step's tensors become visible to readers when
+    :meth:`commit` is called for that step.
+
+    Args:
+        run_dir: Run directory; created with its manifest if missing.
+        rank: This process's rank (one stream per rank).
+        codec: Codec for floating-point tensors: ``"shuffle-zstd"`` (default), ``"zstd"``, ``"raw"``.
+        level: zstd level.
+        max_pending_bytes: Bound on memory held by writes not yet on disk.
+        policy: ``"block"`` waits for space (loses nothing); ``"skip"`` drops raw payloads of a
+            full step and keeps their statistics (the drop is recorded).
+        roll_bytes: Shard size after which the next commit starts a new shard.
+        roll_seconds: Shard age after which the next commit (or an idle timer) starts a new one.
+        threads: Native encoder threads.
+        fsync: fsync shards when sealed and on close.
+
+    Example:
+        >>> with StoreWriter("runs/exp1") as w:
+        ...     w.write("fc1.weight", 0, weights)
+        ...     w.commit(0)
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        rank: int = 0,
+        *,
+        codec: str = "shuffle-zstd",
+        level: int = 1,
+        chunk_size: int = 256 << 10,
+        max_pending_bytes: int = 512 << 20,
+        policy: str = "block",
+        roll_bytes: int = 256 << 20,
+        roll_seconds: float = 30.0,
+        threads: int = 2,
+        fsync: bool = True,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 0:
+            raise InvalidArgumentError(f"rank must be a non-negative int, got {rank!r}")
+        run_dir = os.fspath(run_dir)
+        try:
+            write_manifest(run_dir)
+        except OSError as e:
+            raise StoreIOError(f"[store_writer] cannot create run '{run_dir}': {e}") from e
+        self.run_dir = run_dir
+        self.rank = rank
+        self._w = _core.StreamWriter(
+            run_dir,
+            rank,
+            codec=codec,
+            level=level,
+            chunk_size=chunk_size,
+            max_pending_bytes=max_pending_bytes,
+            policy=policy,
+            roll_bytes=roll_bytes,
+            roll_seconds=roll_seconds,
+            threads=threads,
+            fsync=fsync,
+        )
+
+    def write(
+        self,
+        name: str,
+        step: int,
+        value: Any,
+        *,
+        mode: ModeLike = "train",
+        mode_step: Optional[int] = None,
+        stats_only: bool = False,
+        hist_bins: int = 0,
+        hist_range: Optional[Sequence[float]] = None,
+        exp_hist: bool = False,
+        codec: Optional[str] = None,
+    ) -> None:
+        """Saves ``value`` (numpy array, torch tensor or scalar) as tensor ``name`` of ``step``.
+
+        Args:
+            name: Tensor name (UTF-8, 1 to 4096 bytes).
+            step: Global step (>= 0).
+            value: The tensor; copied before this returns.
+            mode: ``"train"``, ``"eval"``, ``"predict"`` or ``"global"``.
+            mode_step: Step within the mode (defaults to ``step``).
+            stats_only: Store statistics only, not the values.
+            hist_bins: Fixed-bin histogram size (0: none).
+            hist_range: ``(lo, hi)`` of the histogram; default the tensor's finite range.
+            exp_hist: Also store the exponent (log2) histogram.
+            codec: Override the codec for this tensor.
+        """
+        step = check_step(step)
+        arr, override = as_array(value)
+        self._w.write(
+            name,
+            step,
+            arr,
+            mode=int(to_mode(mode)),
+            mode_step=mode_step,
+            stats_only=stats_only,
+            hist_bins=hist_bins,
+            hist_range=tuple(hist_range) if hist_range is not None else None,
+            exp_hist=exp_hist,
+            codec=codec,
+            dtype=override,
+        )
+
+    def commit(self, step: int, *, mode: ModeLike = "train", mode_step: Optional[int] = None) -> None:
+        """Marks ``step`` complete: its tensors become visible to readers."""
+        step = check_step(step)
+        self._w.commit(step, mode=int(to_mode(mode)), mode_step=mode_step)
+
+    def flush(self, sync: bool = False) -> None:
+        """Blocks until everything written so far is on disk (fsynced when ``sync``)."""
+        self._w.flush(sync)
+
+    def close(self) -> None:
+        """Flushes, seals the stream and releases its lock. Idempotent."""
+        self._w.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._w.closed
+
+    def counters(self) -> dict:
+        """Counters: tensors, commits, dropped payloads, bytes, shards, pending memory."""
+        return self._w.counters()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+def check_step(step: Any) -> int:
+    """Returns ``step`` as an int, or raises InvalidArgumentError unless it is an integer >= 0."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        s = operator.index(step)
+    except TypeError:
+        raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}") from None
+    if s < 0:
+        raise InvalidArgumentError(f"step must be a non-negative integer, got {s}")
+    return s

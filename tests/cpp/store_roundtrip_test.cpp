@@ -1,0 +1,250 @@
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "tensorvigil/error.h"
+#include "tensorvigil/store/run_reader.h"
+#include "tensorvigil/store/stream_writer.h"
+#include "test_util.h"
+
+using namespace tensorvigil;
+using namespace tensorvigil::store;
+namespace fs = std::filesystem;
+
+namespace {
+TensorView view_of(const std::vector<float>& v, std::vector<int64_t> shape) {
+  TensorView t;
+  t.data = v.data();
+  t.dtype = DType::kFloat32;
+  t.shape = std::move(shape);
+  return t;
+}
+
+void expect_value(const RunReader& r, const std::string& name, int64_t step, uint32_t rank,
+                  const std::vector<float>& want) {
+  int64_t id = r.name_id(name);
+  ASSERT_GE(id, 0) << name;
+  const RecordInfo* rec = r.find(static_cast<uint32_t>(id), step, rank);
+  ASSERT_NE(rec, nullptr) << name << "@" << step;
+  std::vector<float> got(want.size());
+  r.read_value(*rec, got.data(), 2);
+  EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * 4)) << name << "@" << step;
+}
+}  // namespace
+
+TEST(Store, WriteReadAllCodecsAndStats) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(300000, 1);
+  auto b = tvtest::random_floats(17, 2);
+  {
+    WriterOptions o;
+    o.chunk_size = 64 << 10;
+    StreamWriter w(dir.path(), 0, o);
+    for (int step = 0; step < 5; ++step) {
+      w.write_tensor("a", step, Mode::kTrain, step, view_of(a, {600, 500}), false, {}, Codec::kShuffleZstd);
+      w.write_tensor("b", step, Mode::kTrain, step, view_of(b, {17}), false, {}, Codec::kRaw);
+      w.write_tensor("c", step, Mode::kTrain, step, view_of(a, {300000}), true);  // stats only
+      w.commit_step(step, Mode::kTrain, step);
+    }
+    w.close();
+    auto c = w.counters();
+    EXPECT_EQ(c.tensors, 15u);
+    EXPECT_EQ(c.commits, 5u);
+    EXPECT_LT(c.stored_bytes, c.raw_bytes);
+  }
+  RunReader r(dir.path());
+  EXPECT_EQ(r.ranks(), std::vector<uint32_t>{0});
+  EXPECT_EQ(r.commits().size(), 5u);
+  EXPECT_EQ(r.records().size(), 15u);
+  EXPECT_TRUE(r.ended(0));
+  EXPECT_FALSE(r.writer_alive(0));
+  for (int step = 0; step < 5; ++step) {
+    expect_value(r, "a", step, 0, a);
+    expect_value(r, "b", step, 0, b);
+  }
+  const RecordInfo* c = r.find(static_cast<uint32_t>(r.name_id("c")), 3, 0);
+  ASSERT_NE(c, nullptr);
+  EXPECT_FALSE(c->has_value());
+  EXPECT_EQ(c->stats.numel, 300000u);
+  EXPECT_THROW(r.read_value(*c, nullptr), Error);
+  const RecordInfo* ra = r.find(static_cast<uint32_t>(r.name_id("a")), 0, 0);
+  EXPECT_EQ(ra->shape, (std::vector<int64_t>{600, 500}));
+  EXPECT_NEAR(ra->stats.std(), 0.02, 1e-3);
+}
+
+TEST(Store, ShardsRollBySizeAndSealedIndexIsUsed) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(50000, 1);
+  WriterOptions o;
+  o.roll_bytes = 100 << 10;
+  {
+    StreamWriter w(dir.path(), 3, o);
+    for (int step = 0; step < 20; ++step) {
+      w.write_tensor("a", step, Mode::kTrain, step, view_of(a, {50000}));
+      w.commit_step(step, Mode::kTrain, step);
+    }
+    w.close();
+    EXPECT_GT(w.counters().shards, 5u);
+  }
+  RunReader r(dir.path());
+  EXPECT_EQ(r.ranks(), std::vector<uint32_t>{3});
+  EXPECT_EQ(r.commits().size(), 20u);
+  for (int step = 0; step < 20; step += 7) expect_value(r, "a", step, 3, a);
+}
+
+TEST(Store, RollsByTimeWhileIdle) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(100, 1);
+  WriterOptions o;
+  o.roll_seconds = 0.2;
+  StreamWriter w(dir.path(), 0, o);
+  w.write_tensor("a", 0, Mode::kTrain, 0, view_of(a, {100}));
+  w.commit_step(0, Mode::kTrain, 0);
+  w.flush();
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  // The idle timer sealed shard 0: it has a footer now.
+  auto bytes = tvtest::read_file(dir.path() + "/rank-00000/shard-00000000.tvs");
+  ASSERT_GE(bytes.size(), kFooterSize);
+  EXPECT_EQ(0, std::memcmp(bytes.data() + bytes.size() - kFooterSize, kFooterMagic, 8));
+  w.close();
+}
+
+TEST(Store, LiveReaderSeesOnlyCommittedSteps) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(1000, 1);
+  StreamWriter w(dir.path(), 0);
+  w.write_tensor("a", 0, Mode::kTrain, 0, view_of(a, {1000}));
+  w.commit_step(0, Mode::kTrain, 0);
+  w.write_tensor("a", 1, Mode::kTrain, 1, view_of(a, {1000}));
+  w.flush();
+  RunReader r(dir.path());
+  EXPECT_TRUE(r.writer_alive(0));
+  EXPECT_FALSE(r.ended(0));
+  EXPECT_EQ(r.commits().size(), 1u);
+  EXPECT_EQ(r.find(0, 1, 0), nullptr);  // written, not committed
+  w.commit_step(1, Mode::kTrain, 1);
+  w.flush();
+  EXPECT_EQ(r.refresh(), 1u);
+  expect_value(r, "a", 1, 0, a);
+  w.close();
+  r.refresh();
+  EXPECT_TRUE(r.ended(0));
+}
+
+TEST(Store, SecondWriterOnSameRankIsRefused) {
+  tvtest::TempDir dir;
+  StreamWriter w(dir.path(), 0);
+  try {
+    StreamWriter w2(dir.path(), 0);
+    FAIL() << "second writer accepted";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+  }
+  StreamWriter other_rank(dir.path(), 1);  // a different rank is fine
+  w.close();
+  StreamWriter w3(dir.path(), 0);  // lock released on close
+}
+
+TEST(Store, SkipPolicyDropsPayloadKeepsStats) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(1 << 20, 1);  // 4 MiB
+  WriterOptions o;
+  o.policy = PendingPolicy::kSkip;
+  o.max_pending_bytes = 20 << 20;
+  o.threads = 1;
+  {
+    StreamWriter w(dir.path(), 0, o);
+    for (int i = 0; i < 20; ++i) w.write_tensor("t" + std::to_string(i), 0, Mode::kTrain, 0, view_of(a, {1 << 20}));
+    w.commit_step(0, Mode::kTrain, 0);
+    w.close();
+    auto c = w.counters();
+    EXPECT_GT(c.dropped, 0u);
+    EXPECT_LE(c.peak_pending_bytes, o.max_pending_bytes);
+  }
+  RunReader r(dir.path());
+  int dropped = 0;
+  for (const auto& rec : r.records()) {
+    EXPECT_EQ(rec.stats.numel, 1u << 20);
+    if (rec.flags & kFlagDropped) ++dropped;
+  }
+  EXPECT_GT(dropped, 0);
+  EXPECT_EQ(r.records().size(), 20u);
+}
+
+TEST(Store, BlockPolicyBoundsPendingMemory) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(1 << 20, 1);
+  WriterOptions o;
+  o.max_pending_bytes = 12 << 20;
+  StreamWriter w(dir.path(), 0, o);
+  for (int i = 0; i < 30; ++i) w.write_tensor("t" + std::to_string(i), 0, Mode::kTrain, 0, view_of(a, {1 << 20}));
+  w.commit_step(0, Mode::kTrain, 0);
+  w.close();
+  auto c = w.counters();
+  EXPECT_EQ(c.dropped, 0u);
+  EXPECT_EQ(c.tensors, 30u);
+  EXPECT_LE(c.peak_pending_bytes, o.max_pending_bytes);
+}
+
+TEST(Store, CommittedStepsSurviveSigkill) {
+  for (int trial = 0; trial < 6; ++trial) {
+    tvtest::TempDir dir;
+    int pipefd[2];
+    ASSERT_EQ(pipe(pipefd), 0);
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      close(pipefd[0]);
+      auto a = tvtest::random_floats(20000, 7);
+      WriterOptions o;
+      o.roll_bytes = 200 << 10;
+      StreamWriter w(dir.path(), 0, o);
+      for (int64_t step = 0;; ++step) {
+        for (int k = 0; k < 3; ++k)
+          w.write_tensor("t" + std::to_string(k), step, Mode::kTrain, step, view_of(a, {20000}));
+        w.commit_step(step, Mode::kTrain, step);
+        if (step % 5 == 4) {
+          w.flush();
+          int64_t done = step;
+          if (write(pipefd[1], &done, sizeof done) != sizeof done) _exit(1);
+        }
+      }
+    }
+    close(pipefd[1]);
+    int64_t flushed = -1, v;
+    for (int i = 0; i < 2 + trial; ++i)
+      if (read(pipefd[0], &v, sizeof v) == sizeof v) flushed = v;
+    std::this_thread::sleep_for(std::chrono::microseconds(500 * trial));
+    kill(pid, SIGKILL);
+    int status;
+    waitpid(pid, &status, 0);
+    close(pipefd[0]);
+    ASSERT_GE(flushed, 4);
+    RunReader r(dir.path());
+    EXPECT_FALSE(r.writer_alive(0));
+    EXPECT_FALSE(r.ended(0));
+    auto a = tvtest::random_floats(20000, 7);
+    std::set<int64_t> steps;
+    for (const auto& c : r.commits()) steps.insert(c.step);
+    for (int64_t s = 0; s <= flushed; ++s) ASSERT_TRUE(steps.count(s)) << "lost committed step " << s;
+    for (const auto& c : r.commits()) {
+      EXPECT_EQ(c.num_tensors, 3u);
+      for (int k = 0; k < 3; ++k) expect_value(r, "t" + std::to_string(k), c.step, 0, a);
+    }
+    // A restarted writer continues in a new shard; old committed steps stay readable.
+    StreamWriter w(dir.path(), 0);
+    w.write_tensor("t0", 1000, Mode::kTrain, 1000, view_of(a, {20000}));
+    w.commit_step(1000, Mode::kTrain, 1000);
+    w.close();
+    RunReader r2(dir.path());
+    EXPECT_EQ(r2.commits().size(), r.commits().size() + 1);
+    expect_value(r2, "t0", 1000, 0, a);
+  }
+}
