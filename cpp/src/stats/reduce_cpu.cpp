@@ -108,6 +108,25 @@ double first_finite(const T* x, std::size_t n) {
   return 0.0;
 }
 
+// Adds 1 to table[idx[k]] for every k, spread over kCopies interleaved tables of `stride`
+// counters so that runs of equal indices do not serialise on one memory location.
+constexpr int kCopies = 8;
+inline void count_indices(const int32_t* idx, std::size_t n, uint32_t* table, int stride) {
+  const std::size_t s = static_cast<std::size_t>(stride);
+  std::size_t k = 0;
+  for (; k + kCopies <= n; k += kCopies) {
+    ++table[static_cast<std::size_t>(idx[k])];
+    ++table[s + static_cast<std::size_t>(idx[k + 1])];
+    ++table[2 * s + static_cast<std::size_t>(idx[k + 2])];
+    ++table[3 * s + static_cast<std::size_t>(idx[k + 3])];
+    ++table[4 * s + static_cast<std::size_t>(idx[k + 4])];
+    ++table[5 * s + static_cast<std::size_t>(idx[k + 5])];
+    ++table[6 * s + static_cast<std::size_t>(idx[k + 6])];
+    ++table[7 * s + static_cast<std::size_t>(idx[k + 7])];
+  }
+  for (; k < n; ++k) ++table[static_cast<std::size_t>(idx[k])];
+}
+
 #if TV_X86
 // ---------------------------------------------------------------------------------------------
 // AVX2 float32 kernels. Short runs accumulate in float lanes (16 elements per partial sum),
@@ -151,9 +170,41 @@ inline float bits_to_float(uint32_t u) {
   return f;
 }
 
-// Fast path over n (multiple of 128) floats, all assumed finite. Returns false when a NaN/Inf
-// was seen (the sums are then meaningless and the caller uses the masked kernel).
-TV_AVX2 bool f32_fast(const float* x, std::size_t n, float K, BlockSums& b) {
+// Element sources for the float kernels: 8 elements -> 8 float lanes. Half and bfloat16 are
+// widened in registers (F16C; bf16 is a 16-bit shift), so they are read from memory once.
+enum class Src { kF32, kF16, kBF16 };
+
+template <Src S>
+struct Elem;
+template <>
+struct Elem<Src::kF32> {
+  using T = float;
+  TV_AVX2 static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static float scalar(float v) { return v; }
+};
+template <>
+struct Elem<Src::kF16> {
+  using T = uint16_t;
+  TV_AVX2 static __m256 load(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static float scalar(uint16_t v) { return half_to_float(v); }
+};
+template <>
+struct Elem<Src::kBF16> {
+  using T = uint16_t;
+  TV_AVX2 static __m256 load(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static float scalar(uint16_t v) { return bf16_to_float(v); }
+};
+
+// Fast path over n (multiple of 128) elements, all assumed finite. Returns false when a NaN/Inf
+// was seen (the sums are then meaningless and the caller uses the masked kernel). Written to
+// keep every accumulator in a register (16 ymm): two vectors per step share one chain each.
+template <Src S>
+TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const __m256i zero = _mm256_setzero_si256();
   const __m256 kv = _mm256_set1_ps(K);
@@ -162,27 +213,24 @@ TV_AVX2 bool f32_fast(const float* x, std::size_t n, float K, BlockSums& b) {
   __m256i amax = zero, zc = zero;
   __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
   for (std::size_t i = 0; i < n; i += 128) {
-    __m256 a1 = _mm256_setzero_ps(), b1 = a1, a2 = a1, b2 = a1, aa = a1, ba = a1;
+    __m256 s1 = _mm256_setzero_ps(), s2 = s1, s2b = s1, sa = s1;
+#pragma GCC unroll 2
     for (std::size_t j = i; j < i + 128; j += 16) {
-      const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+      const __m256 x0 = Elem<S>::load(x + j), x1 = Elem<S>::load(x + j + 8);
       const __m256i i0 = _mm256_and_si256(_mm256_castps_si256(x0), absmask);
       const __m256i i1 = _mm256_and_si256(_mm256_castps_si256(x1), absmask);
-      amax = _mm256_max_epu32(amax, i0);
-      amax = _mm256_max_epu32(amax, i1);
-      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(i0, zero));
-      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(i1, zero));
+      amax = _mm256_max_epu32(amax, _mm256_max_epu32(i0, i1));
+      zc = _mm256_sub_epi32(zc, _mm256_add_epi32(_mm256_cmpeq_epi32(i0, zero),
+                                                 _mm256_cmpeq_epi32(i1, zero)));
       mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
       mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
       const __m256 d0 = _mm256_sub_ps(x0, kv), d1 = _mm256_sub_ps(x1, kv);
-      a1 = _mm256_add_ps(a1, d0);
-      b1 = _mm256_add_ps(b1, d1);
-      a2 = _mm256_fmadd_ps(d0, d0, a2);
-      b2 = _mm256_fmadd_ps(d1, d1, b2);
-      aa = _mm256_add_ps(aa, _mm256_castsi256_ps(i0));
-      ba = _mm256_add_ps(ba, _mm256_castsi256_ps(i1));
+      s1 = _mm256_add_ps(s1, _mm256_add_ps(d0, d1));
+      s2 = _mm256_fmadd_ps(d0, d0, s2);
+      s2b = _mm256_fmadd_ps(d1, d1, s2b);
+      sa = _mm256_add_ps(sa, _mm256_add_ps(_mm256_castsi256_ps(i0), _mm256_castsi256_ps(i1)));
     }
-    const __m256 s1 = _mm256_add_ps(a1, b1), s2 = _mm256_add_ps(a2, b2),
-                 sa = _mm256_add_ps(aa, ba);
+    s2 = _mm256_add_ps(s2, s2b);
     D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(s1), cvt_hi(s1)));
     D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
     DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
@@ -201,7 +249,8 @@ TV_AVX2 bool f32_fast(const float* x, std::size_t n, float K, BlockSums& b) {
 }
 
 // Masked path for blocks holding NaN/Inf (n a multiple of 8).
-TV_AVX2 void f32_masked(const float* x, std::size_t n, float K, BlockSums& b) {
+template <Src S>
+TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const __m256i infb = _mm256_set1_epi32(0x7f800000);
   const __m256i ninfb = _mm256_set1_epi32(static_cast<int>(0xff800000u));
@@ -216,7 +265,7 @@ TV_AVX2 void f32_masked(const float* x, std::size_t n, float K, BlockSums& b) {
     __m256 s1 = _mm256_setzero_ps(), s2 = s1, sa = s1;
     const std::size_t end = std::min(n, i + 64);
     for (; i < end; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 v = Elem<S>::load(x + i);
       const __m256i bits = _mm256_castps_si256(v);
       const __m256i ab = _mm256_and_si256(bits, absmask);
       const __m256i fin = _mm256_cmpgt_epi32(infb, ab);
@@ -255,12 +304,17 @@ TV_AVX2 void f32_masked(const float* x, std::size_t n, float K, BlockSums& b) {
   }
 }
 
-TV_AVX2 void block_f32_avx2(const float* x, std::size_t n, float K, BlockSums& b) {
+template <Src S>
+TV_AVX2 void block_f32_avx2(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const std::size_t nf = n & ~static_cast<std::size_t>(127);
-  if (nf && !f32_fast(x, nf, K, b)) f32_masked(x, nf, K, b);
+  if (nf && !f32_fast<S>(x, nf, K, b)) f32_masked<S>(x, nf, K, b);
   const std::size_t nm = n & ~static_cast<std::size_t>(7);
-  if (nm > nf) f32_masked(x + nf, nm - nf, K, b);
-  if (n > nm) block_scalar(x + nm, n - nm, static_cast<double>(K), b);
+  if (nm > nf) f32_masked<S>(x + nf, nm - nf, K, b);
+  if (n > nm) {
+    float tail[8];
+    for (std::size_t i = nm; i < n; ++i) tail[i - nm] = Elem<S>::scalar(x[i]);
+    block_scalar(tail, n - nm, static_cast<double>(K), b);
+  }
 }
 
 // Double lanes: fast path with a NaN/Inf check, exact scalar kernel for blocks holding them.
@@ -330,28 +384,30 @@ TV_AVX2 void bf16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
   for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
-// Raw exponent-field histogram of float32 values (4 interleaved copies against store stalls).
-TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw4, int32_t* ibuf) {
+// Raw exponent-field histogram of float32 values; lane j counts into copy j of kCopies tables
+// of 256 (separate copies break store-to-load chains when many values share an exponent).
+TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw, int32_t* ibuf) {
   const __m256i m = _mm256_set1_epi32(0xff);
+  const __m256i lane_off = _mm256_setr_epi32(0, 256, 512, 768, 1024, 1280, 1536, 1792);
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i),
-                        _mm256_and_si256(_mm256_srli_epi32(bits, 23), m));
+                        _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), m), lane_off));
   }
   for (; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, x + i, 4);
-    ibuf[i] = static_cast<int32_t>((u >> 23) & 0xff);
+    ibuf[i] = static_cast<int32_t>(((u >> 23) & 0xff) + 256 * (i % 8));
   }
   std::size_t k = 0;
   for (; k + 4 <= n; k += 4) {
-    ++raw4[ibuf[k]];
-    ++raw4[256 + ibuf[k + 1]];
-    ++raw4[512 + ibuf[k + 2]];
-    ++raw4[768 + ibuf[k + 3]];
+    ++raw[ibuf[k]];
+    ++raw[ibuf[k + 1]];
+    ++raw[ibuf[k + 2]];
+    ++raw[ibuf[k + 3]];
   }
-  for (; k < n; ++k) ++raw4[ibuf[k]];
+  for (; k < n; ++k) ++raw[ibuf[k]];
 }
 #endif  // TV_X86
 
@@ -365,6 +421,7 @@ struct HistPlan {
   // Float fast path: t = (x - lo_f) * scale_f is within delta of the exact bin coordinate.
   bool float_ok = false;
   float lo_f = 0, scale_f = 0, delta = 0;
+  std::vector<float> fthr;  // bins + 1
 
   void init(int nbins, double l, double h) {
     bins = nbins; lo = l; hi = h; denom = h - l;
@@ -380,48 +437,61 @@ struct HistPlan {
                std::fabs(l) < 1e37 && std::fabs(h) < 1e37 && scale < 1e37;
     lo_f = static_cast<float>(l);
     scale_f = static_cast<float>(scale);
-    delta = static_cast<float>(d);
+    // fma(x, scale, -lo * scale) rounds once, plus the rounding of lo * scale itself.
+    delta = static_cast<float>(d + 4.0 * u * std::fabs(static_cast<double>(lo_f) * scale_f));
+    // Float thresholds: for a float x, x >= edges[k] <=> x >= fthr[k] (k < bins), and
+    // x > hi <=> x >= fthr[bins].
+    fthr.resize(static_cast<std::size_t>(nbins) + 1);
+    for (int k = 0; k <= nbins; ++k) {
+      const double e = edges[static_cast<std::size_t>(k)];
+      float f = static_cast<float>(e);
+      if (k < nbins) {
+        if (static_cast<double>(f) < e) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+      } else if (static_cast<double>(f) <= e) {
+        f = std::nextafter(f, std::numeric_limits<float>::infinity());
+      }
+      fthr[static_cast<std::size_t>(k)] = f;
+    }
   }
 
-  // Bin of a finite x: 0..bins-1, bins (below), bins + 1 (above). Mirrors numpy's arithmetic,
-  // then settles the result against the exact edges.
+  // Slot of a finite x in the counters: 0 below the range, 1 + bin, bins + 1 above. Mirrors
+  // numpy's arithmetic, then settles the result against the exact edges.
   int classify(double x) const {
-    if (!(x >= lo)) return bins;
+    if (!(x >= lo)) return 0;
     if (x > hi) return bins + 1;
     double f = (x - lo) / denom * static_cast<double>(bins);
     int64_t idx = f >= static_cast<double>(bins) ? bins - 1 : static_cast<int64_t>(f);
     if (idx < 0) idx = 0;
     while (idx > 0 && x < edges[static_cast<std::size_t>(idx)]) --idx;
     while (idx < bins - 1 && x >= edges[static_cast<std::size_t>(idx) + 1]) ++idx;
-    return static_cast<int>(idx);
+    return static_cast<int>(idx) + 1;
   }
 };
 
-// 4 interleaved copies of (bins + 3) counters: bins, below, above, ignored.
+// kCopies interleaved tables of (bins + 3) counters: below, bins, above, ignored (NaN/Inf).
 struct HistCounts {
   int stride = 0;
   std::vector<uint32_t> c;
   void init(int bins) {
     stride = bins + 3;
-    c.assign(static_cast<std::size_t>(stride) * 4, 0);
+    c.assign(static_cast<std::size_t>(stride) * kCopies, 0);
   }
-  void add_indices(const int32_t* idx, std::size_t n) {
-    uint32_t* c0 = c.data();
-    uint32_t* c1 = c0 + stride;
-    uint32_t* c2 = c1 + stride;
-    uint32_t* c3 = c2 + stride;
+  void add(const int32_t* idx, std::size_t n) { count_indices(idx, n, c.data(), stride); }
+  // Indices that already include their copy's offset.
+  void add_flat(const int32_t* idx, std::size_t n) {
+    uint32_t* t = c.data();
     std::size_t k = 0;
     for (; k + 4 <= n; k += 4) {
-      ++c0[idx[k]];
-      ++c1[idx[k + 1]];
-      ++c2[idx[k + 2]];
-      ++c3[idx[k + 3]];
+      ++t[idx[k]];
+      ++t[idx[k + 1]];
+      ++t[idx[k + 2]];
+      ++t[idx[k + 3]];
     }
-    for (; k < n; ++k) ++c0[idx[k]];
+    for (; k < n; ++k) ++t[idx[k]];
   }
-  uint64_t get(int i) const {
+  uint64_t get(int slot) const {
     uint64_t s = 0;
-    for (int r = 0; r < 4; ++r) s += c[static_cast<std::size_t>(r * stride + i)];
+    for (int r = 0; r < kCopies; ++r) s += c[static_cast<std::size_t>(r * stride + slot)];
     return s;
   }
 };
@@ -432,53 +502,60 @@ void hist_scalar(const T* x, std::size_t n, const HistPlan& p, int32_t* ibuf, Hi
     const double v = static_cast<double>(x[i]);
     ibuf[i] = std::isfinite(v) ? p.classify(v) : p.bins + 2;
   }
-  hc.add_indices(ibuf, n);
+  hc.add(ibuf, n);
 }
 
 #if TV_X86
+// Bin coordinate t = (x - lo) * scale in float lanes, clamped to [-0.5, bins + 0.5]. A lane
+// within delta of an integer k may sit on either side of the exact edge k; those are settled
+// exactly by comparing x with the float threshold of edge k (a gather). Lane j of every vector
+// counts into copy j of the tables.
 TV_AVX2 void hist_f32_avx2(const float* x, std::size_t n, const HistPlan& p, int32_t* ibuf,
                            HistCounts& hc) {
   if (!p.float_ok) return hist_scalar(x, n, p, ibuf, hc);
+  const int stride = hc.stride;
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const __m256i infb = _mm256_set1_epi32(0x7f800000);
-  const __m256 lo = _mm256_set1_ps(p.lo_f), sc = _mm256_set1_ps(p.scale_f);
-  const __m256 dl = _mm256_set1_ps(p.delta), one_m = _mm256_set1_ps(1.0f - p.delta);
-  const __m256 neg_dl = _mm256_set1_ps(-p.delta);
-  const __m256 top = _mm256_set1_ps(static_cast<float>(p.bins) - p.delta);
-  const __m256 top_out = _mm256_set1_ps(static_cast<float>(p.bins) + p.delta);
-  const __m256i below = _mm256_set1_epi32(p.bins), above = _mm256_set1_epi32(p.bins + 1);
-  const __m256i ignore = _mm256_set1_epi32(p.bins + 2);
+  const __m256 sc = _mm256_set1_ps(p.scale_f);
+  const __m256 off = _mm256_set1_ps(-p.lo_f * p.scale_f);
+  const __m256 dl = _mm256_set1_ps(p.delta);
+  const __m256 cmin = _mm256_set1_ps(-0.5f);
+  const __m256 cmax = _mm256_set1_ps(static_cast<float>(p.bins) + 0.5f);
+  const __m256i kmax = _mm256_set1_epi32(p.bins);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i lane_off =
+      _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride));
+  const __m256i one_off = _mm256_add_epi32(lane_off, _mm256_set1_epi32(1));
+  const __m256i ignore = _mm256_add_epi32(lane_off, _mm256_set1_epi32(p.bins + 2));
+  const float* thr = p.fthr.data();
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256i fin = _mm256_cmpgt_epi32(infb, _mm256_and_si256(_mm256_castps_si256(v), absmask));
-    const __m256 t = _mm256_mul_ps(_mm256_sub_ps(v, lo), sc);
-    const __m256 fl = _mm256_floor_ps(t);
-    const __m256 fr = _mm256_sub_ps(t, fl);
-    __m256 sure = _mm256_and_ps(_mm256_cmp_ps(t, dl, _CMP_GE_OQ), _mm256_cmp_ps(t, top, _CMP_LE_OQ));
-    sure = _mm256_and_ps(sure, _mm256_and_ps(_mm256_cmp_ps(fr, dl, _CMP_GE_OQ),
-                                             _mm256_cmp_ps(fr, one_m, _CMP_LE_OQ)));
-    const __m256 is_below = _mm256_cmp_ps(t, neg_dl, _CMP_LT_OQ);
-    const __m256 is_above = _mm256_cmp_ps(t, top_out, _CMP_GT_OQ);
-    // In-range lanes: fl is in [0, bins) so the conversion is exact and safe.
-    __m256i idx = _mm256_cvttps_epi32(_mm256_and_ps(fl, sure));
-    idx = _mm256_blendv_epi8(idx, below, _mm256_castps_si256(is_below));
-    idx = _mm256_blendv_epi8(idx, above, _mm256_castps_si256(is_above));
+    const __m256i fin =
+        _mm256_cmpgt_epi32(infb, _mm256_and_si256(_mm256_castps_si256(v), absmask));
+    __m256 t = _mm256_fmadd_ps(v, sc, off);
+    t = _mm256_min_ps(_mm256_max_ps(t, cmin), cmax);
+    const __m256 a = _mm256_floor_ps(_mm256_sub_ps(t, dl));
+    const __m256 b = _mm256_floor_ps(_mm256_add_ps(t, dl));
+    __m256i idx = _mm256_add_epi32(_mm256_cvttps_epi32(a), one_off);
+    const __m256 unsure = _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ), _mm256_castsi256_ps(fin));
+    if (_mm256_movemask_ps(unsure)) {
+      // k = b in [0, bins]; slot = k + (x >= thr[k]) (+ lane offset).
+      __m256i k = _mm256_cvttps_epi32(b);
+      k = _mm256_min_epi32(_mm256_max_epi32(k, zero), kmax);
+      const __m256 th = _mm256_i32gather_ps(thr, k, 4);
+      const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, th, _CMP_GE_OQ));
+      const __m256i fixed = _mm256_sub_epi32(_mm256_add_epi32(k, lane_off), ge);
+      idx = _mm256_blendv_epi8(idx, fixed, _mm256_castps_si256(unsure));
+    }
     idx = _mm256_blendv_epi8(ignore, idx, fin);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i), idx);
-    const __m256 decided = _mm256_or_ps(sure, _mm256_or_ps(is_below, is_above));
-    int unsure = ~_mm256_movemask_ps(decided) & _mm256_movemask_ps(_mm256_castsi256_ps(fin)) & 0xff;
-    while (unsure) {
-      const int k = __builtin_ctz(static_cast<unsigned>(unsure));
-      unsure &= unsure - 1;
-      ibuf[i + k] = p.classify(static_cast<double>(x[i + k]));
-    }
   }
   for (; i < n; ++i) {
     const double v = static_cast<double>(x[i]);
-    ibuf[i] = std::isfinite(v) ? p.classify(v) : p.bins + 2;
+    ibuf[i] = (std::isfinite(v) ? p.classify(v) : p.bins + 2) + static_cast<int>(i % 8) * stride;
   }
-  hc.add_indices(ibuf, n);
+  hc.add_flat(ibuf, n);
 }
 #endif
 
@@ -555,7 +632,7 @@ struct ChunkState {
   double base = 0, mean_rel = 0, m2 = 0;
   double shift = 0;
   bool has_shift = false;
-  std::vector<uint32_t> exp_raw;  // 4 x 256 (float lanes) or 2048 (double lanes)
+  std::vector<uint32_t> exp_raw;  // kCopies x 256 (float lanes) or 2048 (double lanes)
   HistCounts hc;
 
   double mean() const { return base + mean_rel; }
@@ -624,18 +701,26 @@ void moments_f64(const double* x, std::size_t n, ChunkState& st, bool avx2) {
 #if TV_X86
 // Float lanes; falls back to double lanes when a float partial sum overflowed, underflowed or
 // lost too many digits to the shift.
-TV_AVX2 void moments_f32(const float* x, std::size_t n, ChunkState& st, double* dbuf) {
-  double Kd = st.has_shift ? st.shift : first_finite(x, n);
+template <Src S>
+TV_AVX2 void moments_f32(const typename Elem<S>::T* x, std::size_t n, ChunkState& st,
+                         double* dbuf) {
+  double Kd = st.has_shift ? st.shift : 0.0;
+  if (!st.has_shift) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const double v = Elem<S>::scalar(x[i]);
+      if (std::isfinite(v)) { Kd = v; break; }
+    }
+  }
   if (!(std::fabs(Kd) < 3e38)) Kd = 0.0;
-  float K = static_cast<float>(Kd);
+  const float K = static_cast<float>(Kd);
   BlockSums b;
-  block_f32_avx2(x, n, K, b);
+  block_f32_avx2<S>(x, n, K, b);
   if (!b.nfin) return st.fold(b, K);
   const double nb = static_cast<double>(b.nfin);
   const bool bad = !std::isfinite(b.s1) || !std::isfinite(b.s2) || !std::isfinite(b.asum) ||
                    (b.s2 < nb * 0x1p-110 && b.min != b.max);
   if (bad) {
-    for (std::size_t i = 0; i < n; ++i) dbuf[i] = static_cast<double>(x[i]);
+    for (std::size_t i = 0; i < n; ++i) dbuf[i] = static_cast<double>(Elem<S>::scalar(x[i]));
     return moments_f64(dbuf, n, st, true);
   }
   const double m2b = b.s2 - b.s1 * (b.s1 / nb);
@@ -643,7 +728,7 @@ TV_AVX2 void moments_f32(const float* x, std::size_t n, ChunkState& st, double* 
     const double mb = static_cast<double>(K) + b.s1 / nb;
     const float K2 = static_cast<float>(mb);
     BlockSums b2;
-    block_f32_avx2(x, n, K2, b2);
+    block_f32_avx2<S>(x, n, K2, b2);
     return st.fold(b2, K2);
   }
   st.fold(b, K);
@@ -665,7 +750,7 @@ void finish_exp(const std::vector<uint32_t>& raw, Lane lane, uint64_t zeros,
   if (lane == Lane::kF32) {
     for (int e = 0; e < 255; ++e) {
       uint64_t c = 0;
-      for (int r = 0; r < 4; ++r) c += raw[static_cast<std::size_t>(r * 256 + e)];
+      for (int r = 0; r < kCopies; ++r) c += raw[static_cast<std::size_t>(r * 256 + e)];
       // Exponent field e holds floor(log2|x|) = e - 127; e = 0 is subnormals (clamped) + zeros.
       out[static_cast<std::size_t>(e)] += c;
     }
@@ -697,23 +782,31 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
   const Lane lane = f32_lane ? Lane::kF32 : Lane::kF64;
   ChunkState st;
   st.out.numel = end - begin;
-  if (plan.exp_hist) st.exp_raw.assign(lane == Lane::kF32 ? 4 * 256 : 2048, 0);
+  if (plan.exp_hist) st.exp_raw.assign(lane == Lane::kF32 ? kCopies * 256 : 2048, 0);
   if (plan.hist) st.hc.init(plan.hist->bins);
 
   for (std::size_t b0 = begin; b0 < end; b0 += kBlock) {
     const std::size_t n = std::min(kBlock, end - b0);
 #if TV_X86
     if (f32_lane) {
-      const float* x;
+      const bool extra = plan.exp_hist || plan.hist;
+      const float* x = nullptr;
       if (dt == DType::kFloat32) {
         x = static_cast<const float*>(v.data) + b0;
+        if (plan.moments) moments_f32<Src::kF32>(x, n, st, buf.d.data());
       } else {
         const uint16_t* s = static_cast<const uint16_t*>(v.data) + b0;
-        if (dt == DType::kFloat16) f16_to_f32_avx2(s, n, buf.f.data());
-        else bf16_to_f32_avx2(s, n, buf.f.data());
-        x = buf.f.data();
+        const bool half = dt == DType::kFloat16;
+        if (plan.moments) {
+          if (half) moments_f32<Src::kF16>(s, n, st, buf.d.data());
+          else moments_f32<Src::kBF16>(s, n, st, buf.d.data());
+        }
+        if (extra) {  // the block is in L1 now; widen it once for the histogram kernels
+          if (half) f16_to_f32_avx2(s, n, buf.f.data());
+          else bf16_to_f32_avx2(s, n, buf.f.data());
+          x = buf.f.data();
+        }
       }
-      if (plan.moments) moments_f32(x, n, st, buf.d.data());
       if (plan.exp_hist) exp_raw_f32_avx2(x, n, st.exp_raw.data(), buf.i.data());
       if (plan.hist) hist_f32_avx2(x, n, *plan.hist, buf.i.data(), st.hc);
       continue;
@@ -741,8 +834,8 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
   if (plan.hist) {
     const HistPlan& p = *plan.hist;
     out.hist.resize(static_cast<std::size_t>(p.bins));
-    for (int i = 0; i < p.bins; ++i) out.hist[static_cast<std::size_t>(i)] = st.hc.get(i);
-    out.hist_below = st.hc.get(p.bins);
+    for (int i = 0; i < p.bins; ++i) out.hist[static_cast<std::size_t>(i)] = st.hc.get(i + 1);
+    out.hist_below = st.hc.get(0);
     out.hist_above = st.hc.get(p.bins + 1);
     out.hist_lo = p.lo;
     out.hist_hi = p.hi;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages needed to build tensorvigil from source on Debian/Ubuntu:
+# a C++17 compiler and the zstd library (+ GoogleTest with --test).
+set -euo pipefail
+pkgs=(g++ libzstd-dev)
+if [[ "${1:-}" == "--test" ]]; then pkgs+=(libgtest-dev); fi
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
