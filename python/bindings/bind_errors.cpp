@@ -17,6 +17,14 @@ void init_errors(py::module_& m) {
       .value("Unsupported", ErrorCode::kUnsupported)
       .value("FailedPrecondition", ErrorCode::kFailedPrecondition);
 
+  m.def(
+      "_raise_error",
+      [](int code, const std::string& message) {
+        throw Error(static_cast<ErrorCode>(code), message);
+      },
+      py::arg("code"), py::arg("message"),
+      "Raises the Python exception of a core error code (tests the translator).");
+
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

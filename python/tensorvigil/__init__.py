@@ -12,6 +12,7 @@ Example:
     ...     w.write("w", 0, np.ones(3)); w.commit(0)
     >>> tv.open("runs/exp1").tensor("w").stats(0).mean
     1.0
+
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import (
 from .modes import Mode
 from .stats import Stats, compute_stats, compute_stats_many, get_num_threads, set_num_threads
 from .store import Run, StoreWriter, Tensor
-from .store import open_run as open  # noqa: A001 - the public verb is tv.open
+from .store import open_run as open
 
 __version__: str = _core.__version__
 

@@ -26,14 +26,17 @@ def is_torch_tensor(x: Any) -> bool:
 
 
 def as_array(x: Any) -> tuple[np.ndarray, str]:
-    """Returns ``(array, dtype_override)`` for the core: a C-contiguous numpy array, and the
-    core dtype name to reinterpret it as ("" when the numpy dtype is the real one).
+    """Returns ``(array, dtype_override)``: the value as an array the core accepts.
+
+    The array is C-contiguous; ``dtype_override`` is the core dtype name to reinterpret it as
+    ("" when the numpy dtype is the real one).
 
     Torch tensors are detached and moved to host memory (a copy for CUDA tensors);
     bfloat16/float8 tensors are viewed as integers without a copy.
 
     Raises:
         InvalidArgumentError: for values that are not numeric arrays.
+
     """
     if is_torch_tensor(x):
         t = x.detach()
@@ -48,7 +51,9 @@ def as_array(x: Any) -> tuple[np.ndarray, str]:
             view_as, override = _TORCH_REINTERPRET[key]
             return t.view(getattr(torch, view_as)).numpy(), override
         if t.dtype.is_complex:
-            raise InvalidArgumentError(f"unsupported dtype '{key}': complex tensors are not supported")
+            raise InvalidArgumentError(
+                f"unsupported dtype '{key}': complex tensors are not supported"
+            )
         try:
             return t.numpy(), ""
         except TypeError as e:  # e.g. quantized or unsigned types numpy lacks
@@ -59,7 +64,9 @@ def as_array(x: Any) -> tuple[np.ndarray, str]:
         try:
             arr = np.asarray(x)
         except Exception as e:  # noqa: BLE001 - any conversion failure is a bad argument
-            raise InvalidArgumentError(f"cannot convert {type(x).__name__} to an array: {e}") from None
+            raise InvalidArgumentError(
+                f"cannot convert {type(x).__name__} to an array: {e}"
+            ) from None
     if arr.dtype.kind not in "fiub" and arr.dtype.name not in (
         "bfloat16",
         "float8_e4m3fn",

@@ -91,10 +91,16 @@ def run_demo(out_dir: str, steps: int = 200) -> str:
             f"{loss.stats(last).mean:.3f} over {last + 1} steps"
         )
         table = run.stats(regex=r"relu\d/input", steps=[first])
-        variances = dict(zip(map(str, table.column("tensor").to_pylist()), table.column("var").to_pylist()))
+        variances = dict(
+            zip(map(str, table.column("tensor").to_pylist()), table.column("var").to_pylist())
+        )
         ratio = max(variances.values()) / max(min(variances.values()), 1e-30)
-        lines.append(f"    relu-input variance across layers at step {first}: max/min = {ratio:.1f}")
+        lines.append(
+            f"    relu-input variance across layers at step {first}: max/min = {ratio:.1f}"
+        )
         for name in ("fc0.weight/grad", "fc3.weight/grad"):
             s = run.tensor(name).stats(last)
-            lines.append(f"    {name:<18} at step {last}: mean|g| = {s.l1 / s.numel:.3e}  std = {s.std:.3e}")
+            lines.append(
+                f"    {name:<18} at step {last}: mean|g| = {s.l1 / s.numel:.3e}  std = {s.std:.3e}"
+            )
     return "\n".join(lines)

@@ -62,13 +62,13 @@ def _class_for_code(code: int) -> type[TensorVigilError]:
 
 
 __all__ = [
-    "TensorVigilError",
+    "DataCorruptionError",
+    "FailedPreconditionError",
     "InvalidArgumentError",
     "NotFoundError",
     "StepNotAvailableError",
-    "TensorNotFoundError",
-    "DataCorruptionError",
     "StoreIOError",
+    "TensorNotFoundError",
+    "TensorVigilError",
     "UnsupportedError",
-    "FailedPreconditionError",
 ]

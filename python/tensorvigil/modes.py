@@ -28,6 +28,7 @@ def to_mode(m: ModeLike) -> Mode:
 
     Raises:
         InvalidArgumentError: for anything else.
+
     """
     if isinstance(m, Mode):
         return m
@@ -41,4 +42,6 @@ def to_mode(m: ModeLike) -> Mode:
             return Mode(m)
         except ValueError:
             pass
-    raise InvalidArgumentError(f"unknown mode {m!r}; expected 'train', 'eval', 'predict' or 'global'")
+    raise InvalidArgumentError(
+        f"unknown mode {m!r}; expected 'train', 'eval', 'predict' or 'global'"
+    )

@@ -90,7 +90,9 @@ def test_reader_in_other_process_sees_live_steps(tmp_run):
         """
     )
     os.makedirs(tmp_run)
-    proc = subprocess.Popen([sys.executable, "-c", reader, tmp_run], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", reader, tmp_run], stdout=subprocess.PIPE, text=True
+    )
     with tv.StoreWriter(tmp_run) as w:
         for step in range(20):
             w.write("x", step, np.full(100, step, dtype=np.float32))

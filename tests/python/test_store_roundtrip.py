@@ -75,8 +75,12 @@ def test_stats_table_without_payloads(tmp_run, rng):
     w = tv.StoreWriter(tmp_run)
     for step in range(10):
         for i in range(5):
-            w.write(f"layer{i}.weight", step, rng.standard_normal(100).astype(np.float32) * (i + 1),
-                    stats_only=(i == 4))
+            w.write(
+                f"layer{i}.weight",
+                step,
+                rng.standard_normal(100).astype(np.float32) * (i + 1),
+                stats_only=(i == 4),
+            )
         w.write("loss", step, np.float32(1.0 / (step + 1)), mode="train" if step < 8 else "eval")
         w.commit(step, mode="train" if step < 8 else "eval")
     w.close()

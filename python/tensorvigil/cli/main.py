@@ -36,7 +36,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if not ts:
             continue
         rec = t.record(ts[-1])
-        print(f"  {n:<40} {rec.dtype:<9} {str(list(rec.shape)):<16} {len(ts)} steps")
+        print(f"  {n:<40} {rec.dtype:<9} {list(rec.shape)!s:<16} {len(ts)} steps")
     return 0
 
 
@@ -52,7 +52,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"{'tensor':<40} {'rank':>4} " + " ".join(f"{c:>10}" for c in cols))
     for r in rows[: args.limit]:
         vals = [str(r[c]) if c in ("step", "numel", "nan") else _fmt(r[c]) for c in cols]
-        print(f"{str(r['tensor']):<40} {r['rank']:>4} " + " ".join(f"{v:>10}" for v in vals))
+        print(f"{r['tensor']!s:<40} {r['rank']:>4} " + " ".join(f"{v:>10}" for v in vals))
     if len(rows) > args.limit:
         print(f"... {len(rows) - args.limit} more rows (use --limit)")
     return 0
@@ -66,8 +66,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     summary = run_demo(out, steps=args.steps)
     print(summary)
-    print(f"run written to {out} in {time.perf_counter() - t0:.1f} s; "
-          f"explore it with: tensorvigil ls {out}")
+    print(
+        f"run written to {out} in {time.perf_counter() - t0:.1f} s; "
+        f"explore it with: tensorvigil ls {out}"
+    )
     return 0
 
 

@@ -49,6 +49,7 @@ def open_run(path: Union[str, os.PathLike], *, strict: bool = True) -> Run:
     Example:
         >>> run = tv.open("runs/exp1")
         >>> run.tensor("fc1.weight/grad").stats(10).l2
+
     """
     return Run(path, strict=strict)
 
@@ -61,7 +62,9 @@ def _read_manifest(path: str) -> dict:
         with open(mpath, "rb") as f:
             raw = f.read(1 << 20)
     except FileNotFoundError:
-        raise NotFoundError(f"'{path}' is not a tensorvigil run: {MANIFEST_NAME} is missing") from None
+        raise NotFoundError(
+            f"'{path}' is not a tensorvigil run: {MANIFEST_NAME} is missing"
+        ) from None
     try:
         doc = json.loads(raw.decode("utf-8"))
         if not isinstance(doc, dict):
@@ -104,6 +107,7 @@ class Run:
         Args:
             mode: Only steps of this mode.
             rank: Only this rank's steps. By default a step counts when every rank committed it.
+
         """
         c = self._r.commits()
         sel = np.ones(len(c["step"]), dtype=bool)
@@ -126,13 +130,16 @@ class Run:
             out.setdefault(step, Mode(mode))
         return out
 
-    def tensor_names(self, regex: Optional[str] = None, collection: Optional[str] = None) -> list[str]:
+    def tensor_names(
+        self, regex: Optional[str] = None, collection: Optional[str] = None
+    ) -> list[str]:
         """Names of captured tensors, sorted; optionally filtered.
 
         Args:
             regex: Keep names matching this regular expression (``re.search``).
             collection: Keep names of this collection (from ``collections.json``, written by
                 the hooks).
+
         """
         names = sorted(self._r.names())
         if collection is not None:
@@ -178,6 +185,7 @@ class Run:
 
         Raises:
             TensorNotFoundError: no such tensor; the message suggests close names.
+
         """
         if self._r.name_id(name) < 0:
             self.refresh()
@@ -217,6 +225,7 @@ class Run:
 
         Example:
             >>> run.stats(collection="gradients", steps=range(0, 1000)).to_pandas()
+
         """
         import pyarrow as pa
 
@@ -255,19 +264,24 @@ class Run:
             keep = np.isin(cols["step"], np.asarray(step_list, dtype=np.int64))
             cols = {k: v[keep] for k, v in cols.items()}
         dictionary = pa.array(all_names, type=pa.string())
-        tensor = pa.DictionaryArray.from_arrays(pa.array(cols.pop("name_id"), type=pa.int32()), dictionary)
+        tensor = pa.DictionaryArray.from_arrays(
+            pa.array(cols.pop("name_id"), type=pa.int32()), dictionary
+        )
         fields = {"tensor": tensor}
         fields.update({k: pa.array(v) for k, v in cols.items()})
         return pa.table(fields)
 
     def follow(self, timeout: Optional[float] = 60.0, poll: float = 0.2) -> Iterator[int]:
-        """Yields steps as they are committed (all ranks), until the run ends or ``timeout``
-        seconds pass without a new step.
+        """Yields steps as they are committed by every rank.
+
+        Stops when every rank's writer closed its stream, or after ``timeout`` seconds
+        without a new step.
 
         Args:
             timeout: Seconds to wait for a new step; ``None`` waits until every rank's writer
                 closed its stream.
             poll: Seconds between checks.
+
         """
         seen: set[int] = set()
         last_new = time.monotonic()
@@ -307,7 +321,10 @@ class Run:
         return out
 
     def __repr__(self) -> str:
-        return f"Run({self.path!r}, ranks={self.ranks()}, steps={len(self.steps())}, tensors={len(self._r.names())})"
+        return (
+            f"Run({self.path!r}, ranks={self.ranks()}, steps={len(self.steps())}, "
+            f"tensors={len(self._r.names())})"
+        )
 
 
 class Tensor:
@@ -331,6 +348,7 @@ class Tensor:
 
         Raises:
             StepNotAvailableError: not saved at that step; the message names the nearest steps.
+
         """
         step = check_step(step)
         rec = self.run._r.record(self.name, step, rank)
@@ -339,7 +357,9 @@ class Tensor:
             rec = self.run._r.record(self.name, step, rank)
         if rec is None:
             if rank not in self.run.ranks():
-                raise NotFoundError(f"no rank {rank} in run '{self.run.path}'; ranks: {self.run.ranks()}")
+                raise NotFoundError(
+                    f"no rank {rank} in run '{self.run.path}'; ranks: {self.run.ranks()}"
+                )
             raise StepNotAvailableError(
                 f"tensor '{self.name}' has no committed step {step} on rank {rank}; "
                 f"{_nearby(self.steps(rank=rank), step)}"
@@ -353,6 +373,7 @@ class Tensor:
             StepNotAvailableError: not saved at that step.
             NotFoundError: only statistics were saved at that step.
             DataCorruptionError: the stored bytes fail their checksum.
+
         """
         self.record(step, rank)
         return self.run._r.read(self.name, check_step(step), rank)

@@ -47,7 +47,8 @@ class StoreWriter:
     Args:
         run_dir: Run directory; created with its manifest if missing.
         rank: This process's rank (one stream per rank).
-        codec: Codec for floating-point tensors: ``"shuffle-zstd"`` (default), ``"zstd"``, ``"raw"``.
+        codec: Codec for floating-point tensors: ``"shuffle-zstd"`` (default), ``"zstd"`` or
+            ``"raw"``.
         level: zstd level.
         max_pending_bytes: Bound on memory held by writes not yet on disk.
         policy: ``"block"`` waits for space (loses nothing); ``"skip"`` drops raw payloads of a
@@ -61,6 +62,7 @@ class StoreWriter:
         >>> with StoreWriter("runs/exp1") as w:
         ...     w.write("fc1.weight", 0, weights)
         ...     w.commit(0)
+
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class StoreWriter:
             hist_range: ``(lo, hi)`` of the histogram; default the tensor's finite range.
             exp_hist: Also store the exponent (log2) histogram.
             codec: Override the codec for this tensor.
+
         """
         step = check_step(step)
         arr, override = as_array(value)
@@ -145,7 +148,9 @@ class StoreWriter:
             dtype=override,
         )
 
-    def commit(self, step: int, *, mode: ModeLike = "train", mode_step: Optional[int] = None) -> None:
+    def commit(
+        self, step: int, *, mode: ModeLike = "train", mode_step: Optional[int] = None
+    ) -> None:
         """Marks ``step`` complete: its tensors become visible to readers."""
         step = check_step(step)
         self._w.commit(step, mode=int(to_mode(mode)), mode_step=mode_step)
@@ -172,7 +177,6 @@ class StoreWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
 
 
 def check_step(step: Any) -> int:
