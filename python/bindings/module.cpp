@@ -5,6 +5,7 @@ namespace py = pybind11;
 
 namespace tensorvigil::py_bind {
 void init_errors(py::module_& m);
+void init_device(py::module_& m);
 void init_stats(py::module_& m);
 void init_store(py::module_& m);
 }  // namespace tensorvigil::py_bind
@@ -13,6 +14,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "tensorvigil native core: fused statistics and the tensor store.";
   m.attr("__version__") = TV_VERSION;
   tensorvigil::py_bind::init_errors(m);
+  tensorvigil::py_bind::init_device(m);
   tensorvigil::py_bind::init_stats(m);
   tensorvigil::py_bind::init_store(m);
 }

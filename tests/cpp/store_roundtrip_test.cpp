@@ -248,3 +248,53 @@ TEST(Store, CommittedStepsSurviveSigkill) {
     expect_value(r2, "t0", 1000, 0, a);
   }
 }
+
+TEST(Store, InterleavedStepsNeverLoseFramesAcrossRolls) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(10000, 1);
+  WriterOptions o;
+  o.roll_bytes = 1;  // roll at every opportunity
+  {
+    StreamWriter w(dir.path(), 0, o);
+    // Step s+1's first tensor is written before step s is committed.
+    w.write_tensor("x", 0, Mode::kTrain, 0, view_of(a, {10000}));
+    for (int s = 0; s < 6; ++s) {
+      w.write_tensor("x", s + 1, Mode::kTrain, s + 1, view_of(a, {10000}));
+      w.write_tensor("y", s, Mode::kTrain, s, view_of(a, {10000}));
+      w.commit_step(s, Mode::kTrain, s);
+    }
+    w.commit_step(6, Mode::kTrain, 6);
+    w.close();
+  }
+  RunReader r(dir.path());
+  ASSERT_EQ(r.commits().size(), 7u);
+  for (int s = 0; s <= 6; ++s) expect_value(r, "x", s, 0, a);
+  for (int s = 0; s < 6; ++s) expect_value(r, "y", s, 0, a);
+  for (const auto& c : r.commits()) EXPECT_EQ(c.num_tensors, c.step < 6 ? 2u : 1u) << c.step;
+}
+
+TEST(Store, EndedResetsWhenAWriterContinuesTheRank) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(10, 1);
+  {
+    StreamWriter w(dir.path(), 0);
+    w.write_tensor("x", 0, Mode::kTrain, 0, view_of(a, {10}));
+    w.commit_step(0, Mode::kTrain, 0);
+    w.close();
+  }
+  StreamWriter w2(dir.path(), 0);
+  w2.write_tensor("x", 1, Mode::kTrain, 1, view_of(a, {10}));
+  w2.commit_step(1, Mode::kTrain, 1);
+  w2.flush();
+  RunReader r(dir.path());
+  EXPECT_FALSE(r.ended(0));
+  EXPECT_EQ(r.commits().size(), 2u);
+  w2.close();
+  r.refresh();
+  EXPECT_TRUE(r.ended(0));
+}
+
+TEST(Store, RankAboveFiveDigitsIsRefused) {
+  tvtest::TempDir dir;
+  EXPECT_THROW(StreamWriter(dir.path(), 100000), Error);
+}

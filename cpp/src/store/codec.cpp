@@ -167,11 +167,11 @@ void decode_payload(Codec c, const uint8_t* payload, std::size_t payload_len, st
   if (nch != num_chunks_for(raw_len, chunk_size))
     throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk count " +
                                           std::to_string(nch) + " does not match the shape");
+  uint64_t pos = container_header_size(nch);
+  if (pos > payload_len)  // checked before sizing anything by nch
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk table is truncated");
   std::vector<uint64_t> offs(nch + 1);
   std::vector<uint32_t> lens(nch), crcs(nch);
-  uint64_t pos = container_header_size(nch);
-  if (pos > payload_len)
-    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk table is truncated");
   for (uint32_t i = 0; i < nch; ++i) {
     lens[i] = r.get<uint32_t>();
     crcs[i] = r.get<uint32_t>();

@@ -62,6 +62,10 @@ void encode_stats(ByteWriter& w, const TensorStats& s) {
   w.put<double>(s.abs_sum);
   w.put<double>(s.abs_max);
   if (flags & kStatsHasHist) {
+    if (s.hist.size() > static_cast<std::size_t>(kMaxHistBins))
+      throw_error(ErrorCode::kInvalidArgument, "[format] histogram has more than 4096 bins");
+    if (s.exp_hist.size() > static_cast<std::size_t>(kExpHistBuckets))
+      throw_error(ErrorCode::kInvalidArgument, "[format] exponent histogram is too long");
     w.put<uint16_t>(static_cast<uint16_t>(s.hist.size()));
     w.put<double>(s.hist_lo);
     w.put<double>(s.hist_hi);
@@ -179,6 +183,12 @@ bool decode_frame_header(const uint8_t in[kFrameHeaderSize], FrameHeader* h) {
   h->kind = static_cast<FrameKind>(kind);
   h->codec = static_cast<Codec>(codec);
   h->flags = get_le<uint16_t>(in + 6);
+  // Only tensor frames carry flags, a codec and a payload.
+  if (h->kind == FrameKind::kTensor) {
+    if (h->flags & ~(kFlagStatsOnly | kFlagDropped)) return false;
+  } else if (h->flags != 0 || codec != 0 || get_le<uint64_t>(in + 16) != 0) {
+    return false;
+  }
   h->meta_len = get_le<uint32_t>(in + 8);
   h->meta_crc = get_le<uint32_t>(in + 12);
   h->payload_len = get_le<uint64_t>(in + 16);

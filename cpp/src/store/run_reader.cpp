@@ -81,7 +81,8 @@ struct Stream {
   std::string dir;
   std::map<uint32_t, Shard> shards;  // by seq
   std::vector<RecordInfo> pending;   // tensor frames whose step has no commit yet
-  bool ended = false;
+  bool ended = false;                // an END frame was seen (in shard end_seq)
+  uint32_t end_seq = 0;
 };
 
 }  // namespace
@@ -164,6 +165,7 @@ struct RunReader::Impl {
       }
       case FrameKind::kEnd:
         st.ended = true;
+        st.end_seq = sh.seq;
         return true;
       case FrameKind::kIndex:
         return false;
@@ -249,6 +251,11 @@ struct RunReader::Impl {
       }
       uint8_t hb[kShardHeaderSize];
       if (!pread_full(f.fd, hb, kShardHeaderSize, 0, path)) return;
+      if (std::all_of(hb, hb + kShardHeaderSize, [](uint8_t b) { return b == 0; })) {
+        // Zero-filled after a power loss: nothing of this shard reached the disk.
+        if (!is_last) sh.done = true;
+        return;
+      }
       uint32_t rank, seq;
       decode_shard_header(hb, path, &rank, &seq);
       if (rank != st.rank || seq != sh.seq)
@@ -378,7 +385,9 @@ std::vector<std::size_t> RunReader::select(const Selection& sel) const {
 
 bool RunReader::ended(uint32_t rank) const {
   auto it = impl_->streams.find(rank);
-  return it != impl_->streams.end() && it->second.ended;
+  if (it == impl_->streams.end() || !it->second.ended) return false;
+  // An END frame counts only in the newest shard: a later writer may continue the rank.
+  return it->second.shards.rbegin()->first == it->second.end_seq;
 }
 
 bool RunReader::writer_alive(uint32_t rank) const {

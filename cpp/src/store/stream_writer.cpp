@@ -139,7 +139,9 @@ struct StreamWriter::Impl {
   std::string shard_path;
   uint64_t shard_off = 0;
   double shard_opened = 0;
-  bool shard_clean = true;  // last frame written is a commit (or none yet)
+  // Tensor frames in the open shard whose step has no commit yet, by step. A shard only rolls
+  // when this is empty: readers drop uncommitted frames when a shard ends.
+  std::map<int64_t, uint32_t> uncommitted;
   uint64_t shard_commits = 0;
   std::vector<IndexEntry> index;
   uint64_t total_commits = 0;
@@ -173,6 +175,9 @@ struct StreamWriter::Impl {
   }
 
   void open_shard() {
+    if (seq > 99999999u)
+      throw Error(ErrorCode::kFailedPrecondition,
+                  "[stream_writer.open] rank " + std::to_string(rank) + " has 10^8 shards already");
     shard_path = dir + "/" + shard_file_name(seq);
     fd = ::open(shard_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) throw Error(ErrorCode::kIo, os_error("open", shard_path, errno));
@@ -182,7 +187,7 @@ struct StreamWriter::Impl {
     struct iovec iov{h, kShardHeaderSize};
     write_all(&iov, 1);
     shard_opened = now_seconds();
-    shard_clean = true;
+    uncommitted.clear();
     shard_commits = 0;
     index.clear();
     ++delta.shards;
@@ -232,9 +237,17 @@ struct StreamWriter::Impl {
     h.kind = j.kind;
     h.flags = j.flags;
     if (j.kind != FrameKind::kTensor) {
+      if (j.kind == FrameKind::kCommit) {
+        CommitMeta c = decode_commit_meta(j.meta.data(), j.meta.size(), "stream_writer.commit");
+        auto it = uncommitted.find(c.step);
+        if (it != uncommitted.end()) {
+          c.num_tensors = it->second;
+          uncommitted.erase(it);
+          j.meta = encode_commit_meta(c);
+        }
+      }
       write_frame(h, j.meta, {});
       if (j.kind == FrameKind::kCommit) {
-        shard_clean = true;
         ++shard_commits;
         ++total_commits;
         ++delta.commits;
@@ -265,7 +278,7 @@ struct StreamWriter::Impl {
       delta.stored_bytes += stored;
     }
     write_frame(h, j.meta, payload);
-    shard_clean = false;
+    ++uncommitted[j.tmeta.step];
     ++delta.tensors;
   }
 
@@ -280,7 +293,7 @@ struct StreamWriter::Impl {
   }
 
   bool roll_due() const {
-    if (fd < 0 || !shard_clean || shard_commits == 0) return false;
+    if (fd < 0 || !uncommitted.empty() || shard_commits == 0) return false;
     return shard_off >= opt.roll_bytes || now_seconds() - shard_opened >= opt.roll_seconds;
   }
 
@@ -414,6 +427,10 @@ StreamWriter::StreamWriter(const std::string& run_dir, uint32_t rank, const Writ
                 "[stream_writer] chunk_size must be in [4096, " + std::to_string(kMaxChunkSize) + "]");
   if (options.max_pending_bytes == 0)
     throw_error(ErrorCode::kInvalidArgument, "[stream_writer] max_pending_bytes must be > 0");
+  if (rank > 99999)
+    throw_error(ErrorCode::kInvalidArgument,
+                "[stream_writer] rank must be <= 99999 (rank-NNNNN directories), got " +
+                    std::to_string(rank));
   s.run_dir = run_dir;
   s.rank = rank;
   s.dir = run_dir + "/" + rank_dir_name(rank);
