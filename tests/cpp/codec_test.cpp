@@ -45,6 +45,20 @@ TEST(Shuffle, RoundTripAllElementSizes) {
   EXPECT_EQ(0, std::memcmp(s, want, 8));
 }
 
+TEST(Shuffle, SimdPathsMatchTheDefinition) {
+  std::vector<uint8_t> in(4 * 1000 + 3);
+  for (std::size_t i = 0; i < in.size(); ++i) in[i] = static_cast<uint8_t>(i * 131 + (i >> 8));
+  for (std::size_t elem : {2, 4, 8}) {
+    std::vector<uint8_t> got(in.size()), want(in.size());
+    std::size_t count = in.size() / elem;
+    for (std::size_t i = 0; i < count; ++i)
+      for (std::size_t b = 0; b < elem; ++b) want[b * count + i] = in[i * elem + b];
+    for (std::size_t k = count * elem; k < in.size(); ++k) want[k] = in[k];
+    byte_shuffle(in.data(), got.data(), in.size(), elem);
+    EXPECT_EQ(got, want) << "elem " << elem;
+  }
+}
+
 class CodecRoundTrip : public ::testing::TestWithParam<Codec> {};
 
 TEST_P(CodecRoundTrip, ManySizes) {

@@ -41,7 +41,9 @@ def test_roundtrip_dtypes_codecs_and_stats(tmp_run, rng):
             got = t.value(2)
             assert got.dtype == np.asarray(a).dtype
             assert got.shape == np.shape(a)
-            np.testing.assert_array_equal(got.view(np.uint8), np.asarray(a).view(np.uint8))
+            np.testing.assert_array_equal(
+                got.reshape(-1).view(np.uint8), np.asarray(a).reshape(-1).view(np.uint8)
+            )
             s = t.stats(1)
             ref = np.asarray(a, dtype=np.float64)
             assert s.numel == ref.size

@@ -215,9 +215,10 @@ struct Elem<Src::kBF16> {
   static float scalar(uint16_t v) { return bf16_to_float(v); }
 };
 
-// Fast path over n (multiple of 128) elements, all assumed finite. Returns false when a NaN/Inf
-// was seen (the sums are then meaningless and the caller uses the masked kernel). Written to
-// keep every accumulator in a register (16 ymm): two vectors per step share one chain each.
+// Fast path over n (multiple of 128) elements, assumed finite. A NaN/Inf anywhere makes the
+// |x| sum non-finite, and then the caller re-runs the block with the masked kernel (so does a
+// float overflow of that sum, harmlessly). Written so every accumulator stays in one of the 16
+// ymm registers: two vectors per step share a chain, and max|x| = max(-min, max).
 template <Src S>
 TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
@@ -225,7 +226,7 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
   const __m256 kv = _mm256_set1_ps(K);
   __m256 mn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256i amax = zero, zc = zero;
+  __m256i zc = zero;
   __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
   for (std::size_t i = 0; i < n; i += 128) {
     __m256 s1 = _mm256_setzero_ps(), s2 = s1, s2b = s1, sa = s1;
@@ -235,7 +236,6 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
       Elem<S>::load2(x + j, x0, x1);
       const __m256i i0 = _mm256_and_si256(_mm256_castps_si256(x0), absmask);
       const __m256i i1 = _mm256_and_si256(_mm256_castps_si256(x1), absmask);
-      amax = _mm256_max_epu32(amax, _mm256_max_epu32(i0, i1));
       zc = _mm256_sub_epi32(zc, _mm256_add_epi32(_mm256_cmpeq_epi32(i0, zero),
                                                  _mm256_cmpeq_epi32(i1, zero)));
       mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
@@ -251,16 +251,17 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
     D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
     DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
   }
-  const uint32_t am = hmax_epu32(amax);
-  if (am >= 0x7f800000u) return false;
+  const double asum = hsum_pd(DA);
+  if (!std::isfinite(asum)) return false;
+  const double lo = hmin_ps(mn), hi = hmax_ps(mx);
   b.nfin += n;
   b.zeros += hsum_epi32(zc);
-  b.min = std::min(b.min, static_cast<double>(hmin_ps(mn)));
-  b.max = std::max(b.max, static_cast<double>(hmax_ps(mx)));
-  b.amax = std::max(b.amax, static_cast<double>(bits_to_float(am)));
+  b.min = std::min(b.min, lo);
+  b.max = std::max(b.max, hi);
+  b.amax = std::max(b.amax, std::max(-lo, hi));
   b.s1 += hsum_pd(D1);
   b.s2 += hsum_pd(D2);
-  b.asum += hsum_pd(DA);
+  b.asum += asum;
   return true;
 }
 
@@ -402,11 +403,13 @@ TV_AVX2 void bf16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
 
 // Raw exponent-field histogram of float32 values; lane j counts into copy j of kCopies tables
 // of 256 (separate copies break store-to-load chains when many values share an exponent).
-TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw, int32_t* ibuf) {
+TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw, int32_t* ibuf,
+                              const char* pf, std::size_t pf_bytes) {
   const __m256i m = _mm256_set1_epi32(0xff);
   const __m256i lane_off = _mm256_setr_epi32(0, 256, 512, 768, 1024, 1280, 1536, 1792);
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    if (i * 8 < pf_bytes) _mm_prefetch(pf + i * 8, _MM_HINT_T0);
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i),
                         _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), m), lane_off));
@@ -522,49 +525,58 @@ void hist_scalar(const T* x, std::size_t n, const HistPlan& p, int32_t* ibuf, Hi
 }
 
 #if TV_X86
-// Bin coordinate t = (x - lo) * scale in float lanes, clamped to [-0.5, bins + 0.5]. A lane
-// within delta of an integer k may sit on either side of the exact edge k; those are settled
-// exactly by comparing x with the float threshold of edge k (a gather). Lane j of every vector
-// counts into copy j of the tables.
+// Slot coordinate t = (x - lo) * scale + 1 in float lanes, clamped to [0.5, bins + 1.5], so
+// that trunc(t -/+ delta) is the slot (0 below, 1 + bin, bins + 1 above) when both agree. A
+// lane where they differ sits within delta of edge k and is settled exactly by comparing x with
+// the float threshold of that edge (a gather). Lane j of every vector counts into copy j.
+// kMasked: the block may hold NaN/Inf (unknown, or known to).
+// pf/pf_bytes: the next block, fetched into cache meanwhile (memory is otherwise idle here).
+template <bool kMasked>
 TV_AVX2 void hist_f32_avx2(const float* x, std::size_t n, const HistPlan& p, int32_t* ibuf,
-                           HistCounts& hc) {
-  if (!p.float_ok) return hist_scalar(x, n, p, ibuf, hc);
+                           HistCounts& hc, const char* pf, std::size_t pf_bytes) {
+  if (!p.float_ok) {
+    for (std::size_t o = 0; o < pf_bytes; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    return hist_scalar(x, n, p, ibuf, hc);
+  }
   const int stride = hc.stride;
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
   const __m256i infb = _mm256_set1_epi32(0x7f800000);
   const __m256 sc = _mm256_set1_ps(p.scale_f);
-  const __m256 off = _mm256_set1_ps(-p.lo_f * p.scale_f);
+  const __m256 off = _mm256_set1_ps(1.0f - p.lo_f * p.scale_f);
   const __m256 dl = _mm256_set1_ps(p.delta);
-  const __m256 cmin = _mm256_set1_ps(-0.5f);
-  const __m256 cmax = _mm256_set1_ps(static_cast<float>(p.bins) + 0.5f);
+  const __m256 cmin = _mm256_set1_ps(0.5f);
+  const __m256 cmax = _mm256_set1_ps(static_cast<float>(p.bins) + 1.5f);
   const __m256i kmax = _mm256_set1_epi32(p.bins);
-  const __m256i zero = _mm256_setzero_si256();
+  const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
   const __m256i lane_off =
       _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(stride));
-  const __m256i one_off = _mm256_add_epi32(lane_off, _mm256_set1_epi32(1));
   const __m256i ignore = _mm256_add_epi32(lane_off, _mm256_set1_epi32(p.bins + 2));
   const float* thr = p.fthr.data();
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    if (i * 8 < pf_bytes) _mm_prefetch(pf + i * 8, _MM_HINT_T0);
     const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256i fin =
-        _mm256_cmpgt_epi32(infb, _mm256_and_si256(_mm256_castps_si256(v), absmask));
     __m256 t = _mm256_fmadd_ps(v, sc, off);
     t = _mm256_min_ps(_mm256_max_ps(t, cmin), cmax);
-    const __m256 a = _mm256_floor_ps(_mm256_sub_ps(t, dl));
-    const __m256 b = _mm256_floor_ps(_mm256_add_ps(t, dl));
-    __m256i idx = _mm256_add_epi32(_mm256_cvttps_epi32(a), one_off);
-    const __m256 unsure = _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ), _mm256_castsi256_ps(fin));
-    if (_mm256_movemask_ps(unsure)) {
-      // k = b in [0, bins]; slot = k + (x >= thr[k]) (+ lane offset).
-      __m256i k = _mm256_cvttps_epi32(b);
+    const __m256i a = _mm256_cvttps_epi32(_mm256_sub_ps(t, dl));
+    const __m256i b = _mm256_cvttps_epi32(_mm256_add_ps(t, dl));
+    __m256i idx = _mm256_add_epi32(a, lane_off);
+    int unsure = ~_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(a, b))) & 0xff;
+    __m256i fin = zero;
+    if (kMasked) {
+      fin = _mm256_cmpgt_epi32(infb, _mm256_and_si256(_mm256_castps_si256(v), absmask));
+      unsure &= _mm256_movemask_ps(_mm256_castsi256_ps(fin));
+    }
+    if (unsure) {
+      // Edge k = b - 1 in [0, bins]; slot = k + (x >= thr[k]).
+      __m256i k = _mm256_sub_epi32(b, one);
       k = _mm256_min_epi32(_mm256_max_epi32(k, zero), kmax);
       const __m256 th = _mm256_i32gather_ps(thr, k, 4);
       const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(v, th, _CMP_GE_OQ));
       const __m256i fixed = _mm256_sub_epi32(_mm256_add_epi32(k, lane_off), ge);
-      idx = _mm256_blendv_epi8(idx, fixed, _mm256_castps_si256(unsure));
+      idx = _mm256_blendv_epi8(idx, fixed, _mm256_cmpeq_epi32(a, b) ^ _mm256_set1_epi32(-1));
     }
-    idx = _mm256_blendv_epi8(ignore, idx, fin);
+    if (kMasked) idx = _mm256_blendv_epi8(ignore, idx, fin);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i), idx);
   }
   for (; i < n; ++i) {
@@ -677,7 +689,8 @@ struct ChunkState {
       const double fb = nb / nt;
       const double delta = mb - mean_rel;
       mean_rel = std::isfinite(delta) ? mean_rel + delta * fb : (1.0 - fb) * mean_rel + fb * mb;
-      m2 = m2 + m2b + delta * delta * (static_cast<double>(n) * fb);
+      const double t = delta * std::sqrt(static_cast<double>(n) * fb);
+      m2 = m2 + m2b + t * t;
     }
     n += b.nfin;
     const double next = base + mb;
@@ -691,7 +704,7 @@ struct ChunkState {
 // Moments of one block in double lanes, re-run with the block's own mean as shift when the
 // first shift cost too many digits.
 void moments_f64(const double* x, std::size_t n, ChunkState& st, bool avx2) {
-  const double K = st.has_shift ? st.shift : first_finite(x, n);
+  double K = st.has_shift ? st.shift : first_finite(x, n);
   auto run = [&](double k, BlockSums& b) {
 #if TV_X86
     if (avx2) return block_f64_avx2(x, n, k, b);
@@ -700,11 +713,17 @@ void moments_f64(const double* x, std::size_t n, ChunkState& st, bool avx2) {
   };
   BlockSums b;
   run(K, b);
-  if (b.nfin && std::isfinite(b.s2) && b.min != b.max) {
+  if (b.nfin && b.min != b.max) {
+    // Near the double limit a shifted sum can overflow where the plain one does not.
+    if (!std::isfinite(b.s1) && K != 0.0) {
+      K = 0.0;
+      b = BlockSums{};
+      run(K, b);
+    }
     const double nb = static_cast<double>(b.nfin);
-    const double m2b = b.s2 - b.s1 * (b.s1 / nb);
     const double mb = K + b.s1 / nb;
-    if (m2b * 1e4 < b.s2 && std::isfinite(mb)) {
+    const double m2b = b.s2 - b.s1 * (b.s1 / nb);
+    if ((!std::isfinite(b.s2) || m2b * 1e4 < b.s2) && std::isfinite(mb) && mb != K) {
       BlockSums b2;
       run(mb, b2);
       st.fold(b2, mb);
@@ -823,8 +842,20 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
           x = buf.f.data();
         }
       }
-      if (plan.exp_hist) exp_raw_f32_avx2(x, n, st.exp_raw.data(), buf.i.data());
-      if (plan.hist) hist_f32_avx2(x, n, *plan.hist, buf.i.data(), st.hc);
+      // The next block of this chunk is prefetched by the first histogram kernel.
+      const std::size_t esz = dt == DType::kFloat32 ? 4 : 2;
+      const char* pf = static_cast<const char*>(v.data) + (b0 + n) * esz;
+      std::size_t pf_bytes = std::min(kBlock, end - (b0 + n)) * esz;
+      if (plan.exp_hist) {
+        exp_raw_f32_avx2(x, n, st.exp_raw.data(), buf.i.data(), pf, pf_bytes);
+        pf_bytes = 0;
+      }
+      if (plan.hist) {
+        // After the moments pass the block's NaN/Inf count is known; skip the mask if none.
+        const bool clean = plan.moments && st.out.nan + st.out.posinf + st.out.neginf == 0;
+        if (clean) hist_f32_avx2<false>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
+        else hist_f32_avx2<true>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
+      }
       continue;
     }
 #endif

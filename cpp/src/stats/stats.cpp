@@ -79,7 +79,8 @@ void TensorStats::merge(const TensorStats& other) {
       const double delta = other.mean - mean;
       // The weighted form only when the difference of huge means overflows.
       mean = std::isfinite(delta) ? mean + delta * fb : fa * mean + fb * other.mean;
-      m2 = m2 + other.m2 + delta * delta * (static_cast<double>(na) * fb);
+      const double t = delta * std::sqrt(static_cast<double>(na) * fb);  // overflows late
+      m2 = m2 + other.m2 + t * t;
     }
   }
   numel += other.numel;

@@ -2,6 +2,10 @@
 
 #include <zstd.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <cstring>
 #include <memory>
 #include <string>
@@ -15,16 +19,101 @@ namespace tensorvigil::store {
 
 namespace {
 
+// Scalar loops from element `start` on (the SIMD paths handle a prefix).
 template <std::size_t K>
-void shuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count) {
-  for (std::size_t i = 0; i < count; ++i)
+void shuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count, std::size_t start = 0) {
+  for (std::size_t i = start; i < count; ++i)
     for (std::size_t b = 0; b < K; ++b) out[b * count + i] = in[i * K + b];
 }
 template <std::size_t K>
-void unshuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count) {
-  for (std::size_t i = 0; i < count; ++i)
+void unshuffle_fixed(const uint8_t* in, uint8_t* out, std::size_t count, std::size_t start = 0) {
+  for (std::size_t i = start; i < count; ++i)
     for (std::size_t b = 0; b < K; ++b) out[i * K + b] = in[b * count + i];
 }
+
+template <std::size_t K>
+std::size_t shuffle_simd_prefix(const uint8_t* in, uint8_t* out, std::size_t count);
+template <std::size_t K>
+std::size_t unshuffle_simd_prefix(const uint8_t* in, uint8_t* out, std::size_t count);
+
+#if defined(__x86_64__)
+bool has_ssse3() {
+  static const bool v = __builtin_cpu_supports("ssse3");
+  return v;
+}
+
+// 4-byte elements, 16 at a time: group each vector's bytes by plane (pshufb), then transpose
+// the 4x4 matrix of 32-bit groups. The 4x4 byte transpose is its own inverse, so unshuffle uses
+// the same mask after the inverse 32-bit transpose.
+__attribute__((target("ssse3"))) std::size_t shuffle4_simd(const uint8_t* in, uint8_t* out,
+                                                             std::size_t count) {
+  const __m128i mask = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  std::size_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const uint8_t* p = in + i * 4;
+    __m128i v0 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask);
+    __m128i v1 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)), mask);
+    __m128i v2 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)), mask);
+    __m128i v3 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 48)), mask);
+    __m128i t0 = _mm_unpacklo_epi32(v0, v1), t1 = _mm_unpackhi_epi32(v0, v1);
+    __m128i t2 = _mm_unpacklo_epi32(v2, v3), t3 = _mm_unpackhi_epi32(v2, v3);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi64(t0, t2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + count + i), _mm_unpackhi_epi64(t0, t2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * count + i), _mm_unpacklo_epi64(t1, t3));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 3 * count + i), _mm_unpackhi_epi64(t1, t3));
+  }
+  return i;
+}
+
+__attribute__((target("ssse3"))) std::size_t unshuffle4_simd(const uint8_t* in, uint8_t* out,
+                                                               std::size_t count) {
+  const __m128i mask = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  std::size_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + count + i));
+    __m128i p2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * count + i));
+    __m128i p3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 3 * count + i));
+    __m128i t0 = _mm_unpacklo_epi32(p0, p1), t1 = _mm_unpacklo_epi32(p2, p3);
+    __m128i t2 = _mm_unpackhi_epi32(p0, p1), t3 = _mm_unpackhi_epi32(p2, p3);
+    uint8_t* q = out + i * 4;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_shuffle_epi8(_mm_unpacklo_epi64(t0, t1), mask));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm_shuffle_epi8(_mm_unpackhi_epi64(t0, t1), mask));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32), _mm_shuffle_epi8(_mm_unpacklo_epi64(t2, t3), mask));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 48), _mm_shuffle_epi8(_mm_unpackhi_epi64(t2, t3), mask));
+  }
+  return i;
+}
+
+// 2-byte elements, 16 at a time.
+__attribute__((target("ssse3"))) std::size_t shuffle2_simd(const uint8_t* in, uint8_t* out,
+                                                             std::size_t count) {
+  const __m128i mask = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  std::size_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const uint8_t* p = in + i * 2;
+    __m128i v0 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask);
+    __m128i v1 = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)), mask);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi64(v0, v1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + count + i), _mm_unpackhi_epi64(v0, v1));
+  }
+  return i;
+}
+
+__attribute__((target("ssse3"))) std::size_t unshuffle2_simd(const uint8_t* in, uint8_t* out,
+                                                               std::size_t count) {
+  const __m128i mask = _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  std::size_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + count + i));
+    uint8_t* q = out + i * 2;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_shuffle_epi8(_mm_unpacklo_epi64(p0, p1), mask));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm_shuffle_epi8(_mm_unpackhi_epi64(p0, p1), mask));
+  }
+  return i;
+}
+#endif
 
 struct CCtxDeleter {
   void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
@@ -42,6 +131,20 @@ ZSTD_DCtx* thread_dctx() {
   return ctx.get();
 }
 
+template <std::size_t K>
+std::size_t shuffle_simd_prefix(const uint8_t* in, uint8_t* out, std::size_t count) {
+#if defined(__x86_64__)
+  if (has_ssse3()) return K == 4 ? shuffle4_simd(in, out, count) : shuffle2_simd(in, out, count);
+#endif
+  return 0;
+}
+template <std::size_t K>
+std::size_t unshuffle_simd_prefix(const uint8_t* in, uint8_t* out, std::size_t count) {
+#if defined(__x86_64__)
+  if (has_ssse3()) return K == 4 ? unshuffle4_simd(in, out, count) : unshuffle2_simd(in, out, count);
+#endif
+  return 0;
+}
 }  // namespace
 
 void byte_shuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
@@ -51,8 +154,8 @@ void byte_shuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t el
   }
   std::size_t count = n / elem;
   switch (elem) {
-    case 2: shuffle_fixed<2>(in, out, count); break;
-    case 4: shuffle_fixed<4>(in, out, count); break;
+    case 2: shuffle_fixed<2>(in, out, count, shuffle_simd_prefix<2>(in, out, count)); break;
+    case 4: shuffle_fixed<4>(in, out, count, shuffle_simd_prefix<4>(in, out, count)); break;
     case 8: shuffle_fixed<8>(in, out, count); break;
     default:
       for (std::size_t i = 0; i < count; ++i)
@@ -69,8 +172,8 @@ void byte_unshuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t 
   }
   std::size_t count = n / elem;
   switch (elem) {
-    case 2: unshuffle_fixed<2>(in, out, count); break;
-    case 4: unshuffle_fixed<4>(in, out, count); break;
+    case 2: unshuffle_fixed<2>(in, out, count, unshuffle_simd_prefix<2>(in, out, count)); break;
+    case 4: unshuffle_fixed<4>(in, out, count, unshuffle_simd_prefix<4>(in, out, count)); break;
     case 8: unshuffle_fixed<8>(in, out, count); break;
     default:
       for (std::size_t i = 0; i < count; ++i)

@@ -7,6 +7,7 @@
 #include <climits>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -174,6 +175,27 @@ struct StreamWriter::Impl {
     }
   }
 
+  // Frames are queued as iovecs and written with as few writev calls as possible; the queued
+  // memory (job metas and buffers, the headers and tables below) lives until flush_batch().
+  std::vector<struct iovec> batch_iov;
+  std::deque<std::array<uint8_t, kFrameHeaderSize>> batch_hdr;
+  std::deque<std::vector<uint8_t>> batch_bufs;
+  uint64_t batch_bytes = 0;
+
+  uint64_t cur_off() const { return shard_off + batch_bytes; }
+  void queue(const void* p, std::size_t n) {
+    if (!n) return;
+    batch_iov.push_back({const_cast<void*>(p), n});
+    batch_bytes += n;
+  }
+  void flush_batch() {
+    if (!batch_iov.empty()) write_all(batch_iov.data(), static_cast<int>(batch_iov.size()));
+    batch_iov.clear();
+    batch_hdr.clear();
+    batch_bufs.clear();
+    batch_bytes = 0;
+  }
+
   void open_shard() {
     if (seq > 99999999u)
       throw Error(ErrorCode::kFailedPrecondition,
@@ -181,11 +203,10 @@ struct StreamWriter::Impl {
     shard_path = dir + "/" + shard_file_name(seq);
     fd = ::open(shard_path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) throw Error(ErrorCode::kIo, os_error("open", shard_path, errno));
-    uint8_t h[kShardHeaderSize];
-    encode_shard_header(h, rank, seq);
     shard_off = 0;
-    struct iovec iov{h, kShardHeaderSize};
-    write_all(&iov, 1);
+    auto& h = batch_hdr.emplace_back();
+    encode_shard_header(h.data(), rank, seq);
+    queue(h.data(), kShardHeaderSize);
     shard_opened = now_seconds();
     uncommitted.clear();
     shard_commits = 0;
@@ -193,20 +214,17 @@ struct StreamWriter::Impl {
     ++delta.shards;
   }
 
+  /// Queues one frame; `meta` and the payload memory must live until flush_batch().
   void write_frame(FrameHeader& h, const std::vector<uint8_t>& meta,
                    const std::vector<struct iovec>& payload) {
     h.meta_len = static_cast<uint32_t>(meta.size());
     h.meta_crc = crc32c(meta.data(), meta.size());
-    uint8_t hb[kFrameHeaderSize];
-    encode_frame_header(hb, h);
-    std::vector<struct iovec> iov;
-    iov.reserve(payload.size() + 2);
-    iov.push_back({hb, kFrameHeaderSize});
-    if (!meta.empty()) iov.push_back({const_cast<uint8_t*>(meta.data()), meta.size()});
-    for (const auto& p : payload)
-      if (p.iov_len) iov.push_back(p);
-    uint64_t at = shard_off;
-    write_all(iov.data(), static_cast<int>(iov.size()));
+    auto& hb = batch_hdr.emplace_back();
+    encode_frame_header(hb.data(), h);
+    uint64_t at = cur_off();
+    queue(hb.data(), kFrameHeaderSize);
+    queue(meta.data(), meta.size());
+    for (const auto& p : payload) queue(p.iov_base, p.iov_len);
     if (h.kind != FrameKind::kIndex) index.push_back(IndexEntry{at, h, meta});
   }
 
@@ -215,17 +233,16 @@ struct StreamWriter::Impl {
     if (end_of_stream) {
       FrameHeader h;
       h.kind = FrameKind::kEnd;
-      write_frame(h, encode_end_meta(now_seconds(), total_commits), {});
+      write_frame(h, batch_bufs.emplace_back(encode_end_meta(now_seconds(), total_commits)), {});
     }
     FrameHeader h;
     h.kind = FrameKind::kIndex;
-    uint64_t at = shard_off;
-    std::vector<uint8_t> meta = encode_index_meta(index);
-    write_frame(h, meta, {});
-    uint8_t foot[kFooterSize];
-    encode_footer(foot, at, shard_off - at, static_cast<uint32_t>(index.size()));
-    struct iovec iov{foot, kFooterSize};
-    write_all(&iov, 1);
+    uint64_t at = cur_off();
+    write_frame(h, batch_bufs.emplace_back(encode_index_meta(index)), {});
+    auto& foot = batch_bufs.emplace_back(kFooterSize);
+    encode_footer(foot.data(), at, cur_off() - at, static_cast<uint32_t>(index.size()));
+    queue(foot.data(), kFooterSize);
+    flush_batch();
     if (opt.fsync && ::fsync(fd) != 0) throw Error(ErrorCode::kIo, os_error("fsync", shard_path, errno));
     ::close(fd);
     fd = -1;
@@ -255,10 +272,9 @@ struct StreamWriter::Impl {
       return;
     }
     h.codec = j.codec;
-    std::vector<uint8_t> table;
     std::vector<struct iovec> payload;
     if (j.nch > 0) {
-      table.resize(container_header_size(j.nch));
+      std::vector<uint8_t>& table = batch_bufs.emplace_back(container_header_size(j.nch));
       uint32_t cs = static_cast<uint32_t>(j.chunk), nc = static_cast<uint32_t>(j.nch);
       std::memcpy(table.data(), &cs, 4);
       std::memcpy(table.data() + 4, &nc, 4);
@@ -294,7 +310,7 @@ struct StreamWriter::Impl {
 
   bool roll_due() const {
     if (fd < 0 || !uncommitted.empty() || shard_commits == 0) return false;
-    return shard_off >= opt.roll_bytes || now_seconds() - shard_opened >= opt.roll_seconds;
+    return cur_off() >= opt.roll_bytes || now_seconds() - shard_opened >= opt.roll_seconds;
   }
 
   void io_loop() {
@@ -305,13 +321,20 @@ struct StreamWriter::Impl {
         return (stopping && jobs.empty()) || (!jobs.empty() && jobs.front()->ready);
       });
       if (!jobs.empty() && jobs.front()->ready) {
-        std::unique_ptr<Job> j = std::move(jobs.front());
-        jobs.pop_front();
+        // Take every ready job at the front: one writev for many small frames.
+        std::vector<std::unique_ptr<Job>> batch;
+        while (!jobs.empty() && jobs.front()->ready && batch.size() < 4096) {
+          batch.push_back(std::move(jobs.front()));
+          jobs.pop_front();
+        }
         lk.unlock();
-        std::exception_ptr err = j->error;
-        if (!err && !failure) {
+        std::exception_ptr err;
+        for (auto& j : batch) {
+          if (j->error && !err) err = j->error;
+          if (err || failure) break;
           try {
             if (j->sync_only) {
+              flush_batch();
               if (fd >= 0 && ::fsync(fd) != 0)
                 throw Error(ErrorCode::kIo, os_error("fsync", shard_path, errno));
             } else {
@@ -323,10 +346,26 @@ struct StreamWriter::Impl {
             err = std::current_exception();
           }
         }
-        uint64_t reserved = j->reserved;
-        pool.release(std::move(j->raw));
-        pool.release(std::move(j->out));
-        j.reset();
+        if (!err && !failure) {
+          try {
+            flush_batch();
+          } catch (...) {
+            err = std::current_exception();
+          }
+        }
+        if (err || failure) {  // drop queued iovecs: they point into the jobs released below
+          batch_iov.clear();
+          batch_hdr.clear();
+          batch_bufs.clear();
+          batch_bytes = 0;
+        }
+        uint64_t reserved = 0;
+        for (auto& j : batch) {
+          reserved += j->reserved;
+          pool.release(std::move(j->raw));
+          pool.release(std::move(j->out));
+        }
+        batch.clear();
         lk.lock();
         fold_delta();
         if (err && !failure) failure = err;

@@ -72,7 +72,7 @@ class StoreWriter:
         *,
         codec: str = "shuffle-zstd",
         level: int = 1,
-        chunk_size: int = 256 << 10,
+        chunk_size: int = 1 << 20,
         max_pending_bytes: int = 512 << 20,
         policy: str = "block",
         roll_bytes: int = 256 << 20,

@@ -32,7 +32,7 @@ inline constexpr uint64_t kMaxPayloadLen = 1ull << 40;     // 1 TiB
 inline constexpr uint32_t kMaxNdim = 32;
 inline constexpr uint32_t kMaxNameLen = 4096;
 inline constexpr uint32_t kMaxChunkSize = 64u << 20;       // 64 MiB
-inline constexpr uint32_t kDefaultChunkSize = 256u << 10;  // 256 KiB
+inline constexpr uint32_t kDefaultChunkSize = 1u << 20;     // 1 MiB
 
 /// Frame kinds.
 enum class FrameKind : uint8_t {

@@ -1,0 +1,236 @@
+"""Fused statistics vs. op-by-op NumPy / torch, and vs. the machine's read bandwidth.
+
+Prints, in one run:
+  (c) the streaming read bandwidth of this machine (the best of several pure-read measures);
+  then for (1) a model-like set of 300 float32 tensors (1K..4M elements, ~100M in all),
+  (2) one 256 MiB float32 tensor and (3) the same 256 MiB as bfloat16 and as float16:
+  tensorvigil with 2 threads (no histogram, 64-bin histogram with a fixed and an automatic
+  range, exponent histogram); (a) NumPy computing the same statistics op by op; (b) torch op by
+  op (the smdebug-style baseline; skipped without torch). GB/s counts the input's bytes.
+
+Targets (PASS/MISS): >= 50x NumPy; >= 70% of read bandwidth without histogram; >= 25% with a
+64-bin histogram; bfloat16/float16 >= 50% of read bandwidth (bytes).
+
+Usage: python benchmarks/bench_stats.py [--quick] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import machine_info, timeit  # noqa: E402
+
+import tensorvigil as tv  # noqa: E402
+
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover
+    ml_dtypes = None
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Read bandwidth
+
+
+def read_bandwidth(nbytes: int, threads: int, repeat: int) -> dict[str, float]:
+    """GB/s of pure reads: NumPy reductions that release the GIL, one Python thread per core.
+
+    np.max over a uint8/int64 view is a SIMD loop that is limited by memory, not arithmetic;
+    the best of them is the machine's read bandwidth as far as NumPy can tell.
+    """
+    buf = np.ones(nbytes // 8, np.int64)  # touched, so the pages exist
+
+    def split_run(fn):
+        parts = np.array_split(buf.view(np.uint8), threads)
+
+        def run():
+            ts = [threading.Thread(target=fn, args=(p,)) for p in parts]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+        return run
+
+    out = {
+        f"np.max(uint8 view), {threads} threads": timeit(
+            split_run(lambda p: np.max(p)), repeat
+        ).gbps(buf.nbytes),
+        f"np.max(int64 view), {threads} threads": timeit(
+            split_run(lambda p: np.max(p.view(np.int64))), repeat
+        ).gbps(buf.nbytes),
+        "np.add.reduce(float32), 1 thread": timeit(
+            lambda: np.add.reduce(buf.view(np.float32)), repeat
+        ).gbps(buf.nbytes),
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: the same statistics, one operation at a time
+
+
+def numpy_stats(x: np.ndarray) -> tuple:
+    if x.dtype != np.float32 and x.dtype != np.float64:
+        x = x.astype(np.float32)  # numpy has no fast bf16/f16 loops
+    nan = int(np.isnan(x).sum())
+    inf = np.isinf(x)
+    posinf = int((inf & (x > 0)).sum())
+    neginf = int(inf.sum()) - posinf
+    zeros = int((x == 0).sum())
+    fin = x[np.isfinite(x)] if (nan or posinf or neginf) else x
+    if fin.size == 0:
+        return nan, posinf, neginf, zeros
+    mn, mx = np.nanmin(fin), np.nanmax(fin)
+    mean = fin.mean(dtype=np.float64)
+    var = fin.var(dtype=np.float64)
+    a = np.abs(fin)
+    return nan, posinf, neginf, zeros, mn, mx, mean, var, a.sum(dtype=np.float64), a.max()
+
+
+def torch_stats(t) -> tuple:
+    import torch
+
+    nan = int(torch.isnan(t).sum())
+    inf = torch.isinf(t)
+    posinf = int((inf & (t > 0)).sum())
+    neginf = int(inf.sum()) - posinf
+    zeros = int((t == 0).sum())
+    fin = t[torch.isfinite(t)]
+    if fin.numel() == 0:
+        return nan, posinf, neginf, zeros
+    d = fin.double()
+    var, mean = torch.var_mean(d, correction=0)
+    a = fin.abs()
+    return (nan, posinf, neginf, zeros, fin.min(), fin.max(), mean, var,
+            a.double().sum(), a.max())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def model_like_sizes(n_tensors: int, total: int, rng: np.random.Generator) -> list[int]:
+    lo, hi = 1_000, 4_000_000
+    s = np.exp(rng.uniform(np.log(lo), np.log(hi), n_tensors))
+    s = np.clip(s * (total / s.sum()), lo, hi)
+    return [int(v) for v in s]
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small smoke run")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    threads = args.threads
+    quick = args.quick
+    rep = 2 if quick else 5
+    base_rep = 1 if quick else 2
+    big_bytes = (16 if quick else 256) * MiB
+    n_tensors, total = (30, 5_000_000) if quick else (300, 100_000_000)
+
+    print("== tensorvigil fused statistics benchmark" + (" (--quick)" if quick else ""))
+    print(machine_info())
+    print(f"tensorvigil threads: {threads}\n")
+
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+
+    rng = np.random.default_rng(0)
+    x32 = rng.standard_normal(big_bytes // 4, dtype=np.float32)
+    x32 *= 0.02  # all data ~ N(0, 0.02): weight-like
+    cases = []
+    sizes = model_like_sizes(n_tensors, total, rng)
+    model = [rng.standard_normal(n, dtype=np.float32) * 0.02 for n in sizes]
+    cases.append(("(1) model-like set: %d float32 tensors, %.1fM elements" %
+                  (len(model), sum(sizes) / 1e6), model, "f32"))
+    cases.append(("(2) one float32 tensor, %d MiB" % (big_bytes // MiB), [x32], "f32"))
+    if ml_dtypes is not None:
+        xb = (rng.standard_normal(big_bytes // 2, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        cases.append(("(3a) one bfloat16 tensor, %d MiB" % (big_bytes // MiB), [xb], "bf16"))
+    xh = (rng.standard_normal(big_bytes // 2, dtype=np.float32) * 0.02).astype(np.float16)
+    cases.append(("(3b) one float16 tensor, %d MiB" % (big_bytes // MiB), [xh], "f16"))
+
+    # (c) bandwidth: NumPy pure reads, and our kernel's best case (float32, no histogram).
+    bw = read_bandwidth(big_bytes, threads, rep)
+    ours_best = timeit(lambda: tv.compute_stats(x32, num_threads=threads), rep).gbps(x32.nbytes)
+    print("(c) streaming read bandwidth")
+    for k, v in bw.items():
+        print(f"    {k:<40s} {v:6.1f} GB/s")
+    print(f"    {'tensorvigil stats, float32, no hist':<40s} {ours_best:6.1f} GB/s")
+    read_bw = max(max(bw.values()), ours_best)
+    print(f"    => read bandwidth used below: {read_bw:.1f} GB/s (the best of the above)\n")
+
+    results = []
+    for title, xs, kind in cases:
+        nbytes = sum(x.nbytes for x in xs)
+        print(title + f"  [{nbytes / MiB:.0f} MiB]")
+
+        def run(**kw):
+            return lambda: tv.compute_stats_many(xs, num_threads=threads, **kw)
+
+        rows = {
+            "tensorvigil, no histogram": timeit(run(), rep),
+            "tensorvigil, 64-bin hist, fixed range": timeit(
+                run(hist_bins=64, hist_range=(-0.1, 0.1)), rep),
+            "tensorvigil, 64-bin hist, auto range": timeit(run(hist_bins=64), rep),
+            "tensorvigil, exponent hist": timeit(run(exp_hist=True), rep),
+        }
+        t_np = timeit(lambda: [numpy_stats(x) for x in xs], base_rep, warmup=0)
+        rows["(a) NumPy op by op"] = t_np
+        if torch is not None:
+            if kind == "bf16":
+                ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in xs]
+            else:
+                ts = [torch.from_numpy(x) for x in xs]
+            rows["(b) torch op by op"] = timeit(lambda: [torch_stats(t) for t in ts],
+                                                base_rep, warmup=0)
+        for name, t in rows.items():
+            g = t.gbps(nbytes)
+            extra = ""
+            if name.startswith("tensorvigil"):
+                extra = (f"  {t_np.best / t.best:7.1f}x NumPy  "
+                         f"{100 * g / read_bw:5.1f}% of read BW")
+            print(f"    {name:<40s} {g:7.2f} GB/s  ({t.best * 1e3:8.1f} ms best, "
+                  f"{t.median * 1e3:8.1f} ms median){extra}")
+        plain = rows["tensorvigil, no histogram"]
+        hist = rows["tensorvigil, 64-bin hist, fixed range"]
+        hist_auto = rows["tensorvigil, 64-bin hist, auto range"]
+        speedup = t_np.best / plain.best
+        results.append((title, ">= 50x NumPy", f"{speedup:.0f}x", speedup >= 50))
+        if kind == "f32":
+            frac = plain.gbps(nbytes) / read_bw
+            results.append((title, ">= 70% read BW, no hist", f"{100 * frac:.0f}%", frac >= 0.70))
+            for label, t in (("fixed", hist), ("auto", hist_auto)):
+                f = t.gbps(nbytes) / read_bw
+                results.append((title, f">= 25% read BW, 64-bin hist ({label} range)",
+                                f"{100 * f:.0f}%", f >= 0.25))
+        else:
+            frac = plain.gbps(nbytes) / read_bw
+            results.append((title, ">= 50% read BW (bytes), no hist", f"{100 * frac:.0f}%",
+                            frac >= 0.50))
+        print()
+
+    print("== targets (read bandwidth %.1f GB/s, %d threads)" % (read_bw, threads))
+    for title, target, got, ok in results:
+        print(f"  {verdict(ok)}  {title.split(':')[0].split(',')[0]:<28s} {target:<44s} {got}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
