@@ -78,7 +78,8 @@ def read_bandwidth(nbytes: int, threads: int, repeat: int) -> dict[str, float]:
 # Baselines: the same statistics, one operation at a time
 
 
-def numpy_stats(x: np.ndarray) -> tuple:
+def numpy_stats(x: np.ndarray, shortcut: bool = False) -> tuple:
+    """The statistics op by op. shortcut: skip the finite filter when there is no NaN/Inf."""
     if x.dtype != np.float32 and x.dtype != np.float64:
         x = x.astype(np.float32)  # numpy has no fast bf16/f16 loops
     nan = int(np.isnan(x).sum())
@@ -86,7 +87,7 @@ def numpy_stats(x: np.ndarray) -> tuple:
     posinf = int((inf & (x > 0)).sum())
     neginf = int(inf.sum()) - posinf
     zeros = int((x == 0).sum())
-    fin = x[np.isfinite(x)] if (nan or posinf or neginf) else x
+    fin = x if (shortcut and not (nan or posinf or neginf)) else x[np.isfinite(x)]
     if fin.size == 0:
         return nan, posinf, neginf, zeros
     mn, mx = np.nanmin(fin), np.nanmax(fin)
@@ -110,8 +111,7 @@ def torch_stats(t) -> tuple:
     d = fin.double()
     var, mean = torch.var_mean(d, correction=0)
     a = fin.abs()
-    return (nan, posinf, neginf, zeros, fin.min(), fin.max(), mean, var,
-            a.double().sum(), a.max())
+    return (nan, posinf, neginf, zeros, fin.min(), fin.max(), mean, var, a.double().sum(), a.max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,78 +157,92 @@ def main() -> int:
     cases = []
     sizes = model_like_sizes(n_tensors, total, rng)
     model = [rng.standard_normal(n, dtype=np.float32) * 0.02 for n in sizes]
-    cases.append(("(1) model-like set: %d float32 tensors, %.1fM elements" %
-                  (len(model), sum(sizes) / 1e6), model, "f32"))
-    cases.append(("(2) one float32 tensor, %d MiB" % (big_bytes // MiB), [x32], "f32"))
+    mib = big_bytes // MiB
+    title = f"(1) model-like set: {len(model)} float32 tensors, {sum(sizes) / 1e6:.1f}M elements"
+    cases.append((title, model, "f32"))
+    cases.append((f"(2) one float32 tensor, {mib} MiB", [x32], "f32"))
     if ml_dtypes is not None:
-        xb = (rng.standard_normal(big_bytes // 2, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-        cases.append(("(3a) one bfloat16 tensor, %d MiB" % (big_bytes // MiB), [xb], "bf16"))
+        xb = (rng.standard_normal(big_bytes // 2, dtype=np.float32) * 0.02).astype(
+            ml_dtypes.bfloat16
+        )
+        cases.append((f"(3a) one bfloat16 tensor, {mib} MiB", [xb], "bf16"))
     xh = (rng.standard_normal(big_bytes // 2, dtype=np.float32) * 0.02).astype(np.float16)
-    cases.append(("(3b) one float16 tensor, %d MiB" % (big_bytes // MiB), [xh], "f16"))
+    cases.append((f"(3b) one float16 tensor, {mib} MiB", [xh], "f16"))
 
     # (c) bandwidth: NumPy pure reads, and our kernel's best case (float32, no histogram).
-    bw = read_bandwidth(big_bytes, threads, rep)
+    bw = read_bandwidth(big_bytes, threads, rep + 2)
     ours_best = timeit(lambda: tv.compute_stats(x32, num_threads=threads), rep).gbps(x32.nbytes)
     print("(c) streaming read bandwidth")
     for k, v in bw.items():
         print(f"    {k:<40s} {v:6.1f} GB/s")
     print(f"    {'tensorvigil stats, float32, no hist':<40s} {ours_best:6.1f} GB/s")
     read_bw = max(max(bw.values()), ours_best)
-    print(f"    => read bandwidth used below: {read_bw:.1f} GB/s (the best of the above)\n")
+    print(f"    => read bandwidth so far: {read_bw:.1f} GB/s (the best of the above)\n")
 
-    results = []
+    measured = []  # (title, kind, nbytes, rows) for the verdicts, made at the end
     for title, xs, kind in cases:
         nbytes = sum(x.nbytes for x in xs)
         print(title + f"  [{nbytes / MiB:.0f} MiB]")
 
-        def run(**kw):
+        def run(xs=xs, **kw):
             return lambda: tv.compute_stats_many(xs, num_threads=threads, **kw)
 
         rows = {
             "tensorvigil, no histogram": timeit(run(), rep),
             "tensorvigil, 64-bin hist, fixed range": timeit(
-                run(hist_bins=64, hist_range=(-0.1, 0.1)), rep),
+                run(hist_bins=64, hist_range=(-0.1, 0.1)), rep
+            ),
             "tensorvigil, 64-bin hist, auto range": timeit(run(hist_bins=64), rep),
             "tensorvigil, exponent hist": timeit(run(exp_hist=True), rep),
         }
-        t_np = timeit(lambda: [numpy_stats(x) for x in xs], base_rep, warmup=0)
+        t_np = timeit(lambda xs=xs: [numpy_stats(x) for x in xs], base_rep, warmup=0)
         rows["(a) NumPy op by op"] = t_np
+        t_np2 = timeit(lambda xs=xs: [numpy_stats(x, True) for x in xs], base_rep, warmup=0)
+        rows["(a') NumPy op by op, no finite filter"] = t_np2
         if torch is not None:
             if kind == "bf16":
                 ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) for x in xs]
             else:
                 ts = [torch.from_numpy(x) for x in xs]
-            rows["(b) torch op by op"] = timeit(lambda: [torch_stats(t) for t in ts],
-                                                base_rep, warmup=0)
+            rows["(b) torch op by op"] = timeit(
+                lambda ts=ts: [torch_stats(t) for t in ts], base_rep, warmup=0
+            )
         for name, t in rows.items():
-            g = t.gbps(nbytes)
             extra = ""
             if name.startswith("tensorvigil"):
-                extra = (f"  {t_np.best / t.best:7.1f}x NumPy  "
-                         f"{100 * g / read_bw:5.1f}% of read BW")
-            print(f"    {name:<40s} {g:7.2f} GB/s  ({t.best * 1e3:8.1f} ms best, "
-                  f"{t.median * 1e3:8.1f} ms median){extra}")
-        plain = rows["tensorvigil, no histogram"]
-        hist = rows["tensorvigil, 64-bin hist, fixed range"]
-        hist_auto = rows["tensorvigil, 64-bin hist, auto range"]
-        speedup = t_np.best / plain.best
-        results.append((title, ">= 50x NumPy", f"{speedup:.0f}x", speedup >= 50))
-        if kind == "f32":
-            frac = plain.gbps(nbytes) / read_bw
-            results.append((title, ">= 70% read BW, no hist", f"{100 * frac:.0f}%", frac >= 0.70))
-            for label, t in (("fixed", hist), ("auto", hist_auto)):
-                f = t.gbps(nbytes) / read_bw
-                results.append((title, f">= 25% read BW, 64-bin hist ({label} range)",
-                                f"{100 * f:.0f}%", f >= 0.25))
-        else:
-            frac = plain.gbps(nbytes) / read_bw
-            results.append((title, ">= 50% read BW (bytes), no hist", f"{100 * frac:.0f}%",
-                            frac >= 0.50))
+                extra = f"  {t_np.best / t.best:6.1f}x (a)  {t_np2.best / t.best:6.1f}x (a')"
+            print(
+                f"    {name:<40s} {t.gbps(nbytes):7.2f} GB/s  ({t.best * 1e3:8.1f} ms best, "
+                f"{t.median * 1e3:8.1f} ms median){extra}"
+            )
+        if kind == "f32":  # our best case bounds the read bandwidth from below, too
+            read_bw = max(read_bw, rows["tensorvigil, no histogram"].gbps(nbytes))
+        measured.append((title, kind, nbytes, rows))
         print()
 
-    print("== targets (read bandwidth %.1f GB/s, %d threads)" % (read_bw, threads))
-    for title, target, got, ok in results:
-        print(f"  {verdict(ok)}  {title.split(':')[0].split(',')[0]:<28s} {target:<44s} {got}")
+    print(f"== targets (read bandwidth {read_bw:.1f} GB/s: the best read rate seen in this run;")
+    print("   (a) = NumPy op by op with the finite filter x[np.isfinite(x)] always applied,")
+    print("   (a') = NumPy without it when the data has no NaN/Inf; both are listed)")
+    for title, kind, nbytes, rows in measured:
+        short = title.split(":")[0].split(",")[0]
+        plain = rows["tensorvigil, no histogram"]
+        checks = []
+        for base in ("(a) NumPy op by op", "(a') NumPy op by op, no finite filter"):
+            x = rows[base].best / plain.best
+            checks.append((f">= 50x {base.split(' ')[0]} NumPy", f"{x:.0f}x", x >= 50))
+        frac = plain.gbps(nbytes) / read_bw
+        if kind == "f32":
+            checks.append((">= 70% read BW, no hist", f"{100 * frac:.0f}%", frac >= 0.70))
+            for label in ("fixed", "auto"):
+                t = rows[f"tensorvigil, 64-bin hist, {label} range"]
+                f = t.gbps(nbytes) / read_bw
+                checks.append(
+                    (f">= 25% read BW, 64-bin ({label} range)", f"{100 * f:.0f}%", f >= 0.25)
+                )
+        else:
+            checks.append((">= 50% read BW (bytes), no hist", f"{100 * frac:.0f}%", frac >= 0.50))
+        for target, got, ok in checks:
+            print(f"  {verdict(ok)}  {short:<26s} {target:<40s} {got}")
     return 0
 
 

@@ -47,7 +47,8 @@ StatsOptions make_options(int hist_bins, const py::object& hist_range, bool exp_
     o.hist_auto_range = false;
     o.hist_lo = seq[0].cast<double>();
     o.hist_hi = seq[1].cast<double>();
-    if (hist_bins > 0 && !(o.hist_lo < o.hist_hi && std::isfinite(o.hist_lo) && std::isfinite(o.hist_hi)))
+    if (hist_bins > 0 &&
+        !(o.hist_lo < o.hist_hi && std::isfinite(o.hist_lo) && std::isfinite(o.hist_hi)))
       throw_error(ErrorCode::kInvalidArgument,
                   "[compute_stats] hist_range must be finite with lo < hi, got (" +
                       std::to_string(o.hist_lo) + ", " + std::to_string(o.hist_hi) + ")");
@@ -77,13 +78,12 @@ std::string repr(const TensorStats& s) {
                 "max=%.6g, mean=%.6g, std=%.6g, l1=%.6g, l2=%.6g, abs_max=%.6g",
                 static_cast<unsigned long long>(s.numel), static_cast<unsigned long long>(s.nan),
                 static_cast<unsigned long long>(s.posinf),
-                static_cast<unsigned long long>(s.neginf),
-                static_cast<unsigned long long>(s.zeros), s.min, s.max, s.mean, s.std(), s.l1(),
-                s.l2(), s.abs_max);
+                static_cast<unsigned long long>(s.neginf), static_cast<unsigned long long>(s.zeros),
+                s.min, s.max, s.mean, s.std(), s.l1(), s.l2(), s.abs_max);
   std::string r = buf;
   if (!s.hist.empty()) {
-    std::snprintf(buf, sizeof(buf), ", hist=%zu bins over [%.6g, %.6g]", s.hist.size(),
-                  s.hist_lo, s.hist_hi);
+    std::snprintf(buf, sizeof(buf), ", hist=%zu bins over [%.6g, %.6g]", s.hist.size(), s.hist_lo,
+                  s.hist_hi);
     r += buf;
   }
   if (!s.exp_hist.empty()) r += ", exp_hist=yes";

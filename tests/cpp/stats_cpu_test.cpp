@@ -40,10 +40,17 @@ Ref reference(const std::vector<double>& v, int bins = 0, double lo = 0, double 
   double mn = kInf, mx = -kInf;
   r.exp_hist.assign(tv::kExpHistBuckets, 0);
   for (double x : v) {
-    if (std::isnan(x)) { ++r.nan; continue; }
-    if (std::isinf(x)) { (x > 0 ? r.posinf : r.neginf)++; continue; }
+    if (std::isnan(x)) {
+      ++r.nan;
+      continue;
+    }
+    if (std::isinf(x)) {
+      (x > 0 ? r.posinf : r.neginf)++;
+      continue;
+    }
     ++r.n;
-    if (x == 0) ++r.zeros;
+    if (x == 0)
+      ++r.zeros;
     else {
       int e;
       std::frexp(x, &e);
@@ -75,8 +82,14 @@ Ref reference(const std::vector<double>& v, int bins = 0, double lo = 0, double 
     r.hist.assign(bins, 0);
     for (double x : v) {
       if (!std::isfinite(x)) continue;
-      if (x < lo) { ++r.below; continue; }
-      if (x > hi) { ++r.above; continue; }
+      if (x < lo) {
+        ++r.below;
+        continue;
+      }
+      if (x > hi) {
+        ++r.above;
+        continue;
+      }
       int b = bins - 1;
       while (b > 0 && x < e[b]) --b;  // linear search: independent of the kernel's arithmetic
       ++r.hist[b];
@@ -104,8 +117,10 @@ void expect_match(const tv::TensorStats& s, const Ref& r, double rtol, const cha
   EXPECT_TRUE(close(s.abs_max, r.abs_max, 0)) << s.abs_max << " vs " << r.abs_max;
   const double scale = std::sqrt(std::isnan(r.var) ? 0 : r.var) + 1e-300;
   EXPECT_TRUE(close(s.mean, r.mean, rtol, rtol * scale)) << s.mean << " vs " << r.mean;
-  if (r.n) EXPECT_TRUE(close(s.var(), r.var, rtol, 1e-300)) << s.var() << " vs " << r.var;
-  else EXPECT_TRUE(std::isnan(s.var()));
+  if (r.n)
+    EXPECT_TRUE(close(s.var(), r.var, rtol, 1e-300)) << s.var() << " vs " << r.var;
+  else
+    EXPECT_TRUE(std::isnan(s.var()));
   EXPECT_TRUE(close(s.abs_sum, r.abs_sum, rtol)) << s.abs_sum << " vs " << r.abs_sum;
 }
 
@@ -161,7 +176,8 @@ TEST_P(StatsCpu, Float32RandomMatchesReference) {
     std::vector<double> d(v.begin(), v.end());
     tv::StatsOptions o;
     o.exp_hist = true;
-    auto s = tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(n)}), o);
+    auto s =
+        tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(n)}), o);
     Ref r = reference(d);
     expect_match(s, r, 1e-6, "f32");
     EXPECT_EQ(s.exp_hist, r.exp_hist);
@@ -220,10 +236,18 @@ TEST_P(StatsCpu, NanInfZeros) {
   for (int i = 0; i < 300; ++i) {
     size_t k = rng() % v.size();
     switch (i % 4) {
-      case 0: v[k] = std::numeric_limits<float>::quiet_NaN(); break;
-      case 1: v[k] = std::numeric_limits<float>::infinity(); break;
-      case 2: v[k] = -std::numeric_limits<float>::infinity(); break;
-      case 3: v[k] = (i & 8) ? -0.0f : 0.0f; break;
+      case 0:
+        v[k] = std::numeric_limits<float>::quiet_NaN();
+        break;
+      case 1:
+        v[k] = std::numeric_limits<float>::infinity();
+        break;
+      case 2:
+        v[k] = -std::numeric_limits<float>::infinity();
+        break;
+      case 3:
+        v[k] = (i & 8) ? -0.0f : 0.0f;
+        break;
     }
   }
   std::vector<double> d(v.begin(), v.end());
@@ -285,7 +309,10 @@ TEST_P(StatsCpu, EveryDtype) {
   {
     std::vector<uint16_t> h(n);
     ref.resize(n);
-    for (size_t i = 0; i < n; ++i) { h[i] = float_to_half(f[i]); ref[i] = tv::half_to_float(h[i]); }
+    for (size_t i = 0; i < n; ++i) {
+      h[i] = float_to_half(f[i]);
+      ref[i] = tv::half_to_float(h[i]);
+    }
     check(h.data(), tv::DType::kFloat16, 1e-6);
     std::vector<uint16_t> b(n);
     for (size_t i = 0; i < n; ++i) {
@@ -298,7 +325,10 @@ TEST_P(StatsCpu, EveryDtype) {
   }
   {
     std::vector<uint8_t> q(n);
-    for (size_t i = 0; i < n; ++i) { q[i] = static_cast<uint8_t>(i * 37); ref[i] = tv::fp8_e4m3_to_float(q[i]); }
+    for (size_t i = 0; i < n; ++i) {
+      q[i] = static_cast<uint8_t>(i * 37);
+      ref[i] = tv::fp8_e4m3_to_float(q[i]);
+    }
     check(q.data(), tv::DType::kFloat8E4M3, 1e-12);
     for (size_t i = 0; i < n; ++i) ref[i] = tv::fp8_e5m2_to_float(q[i]);
     check(q.data(), tv::DType::kFloat8E5M2, 1e-12);
@@ -306,7 +336,10 @@ TEST_P(StatsCpu, EveryDtype) {
   auto ints = [&](auto tag, tv::DType dt, double scale) {
     using T = decltype(tag);
     std::vector<T> x(n);
-    for (size_t i = 0; i < n; ++i) { x[i] = static_cast<T>(std::lround(f[i] * scale)); ref[i] = static_cast<double>(x[i]); }
+    for (size_t i = 0; i < n; ++i) {
+      x[i] = static_cast<T>(std::lround(f[i] * scale));
+      ref[i] = static_cast<double>(x[i]);
+    }
     check(x.data(), dt, 1e-12);
   };
   ints(int8_t{}, tv::DType::kInt8, 1.0);
@@ -315,9 +348,15 @@ TEST_P(StatsCpu, EveryDtype) {
   ints(int64_t{}, tv::DType::kInt64, 1e9);
   {
     std::vector<uint8_t> x(n);
-    for (size_t i = 0; i < n; ++i) { x[i] = static_cast<uint8_t>(i % 7); ref[i] = x[i]; }
+    for (size_t i = 0; i < n; ++i) {
+      x[i] = static_cast<uint8_t>(i % 7);
+      ref[i] = x[i];
+    }
     check(x.data(), tv::DType::kUInt8, 1e-12);
-    for (size_t i = 0; i < n; ++i) { x[i] = f[i] > 0; ref[i] = x[i]; }
+    for (size_t i = 0; i < n; ++i) {
+      x[i] = f[i] > 0;
+      ref[i] = x[i];
+    }
     check(x.data(), tv::DType::kBool, 1e-12);
   }
 }
@@ -355,7 +394,8 @@ TEST_P(StatsCpu, HistogramEdges) {
   o.hist_auto_range = false;
   o.hist_lo = 0;
   o.hist_hi = 10;
-  auto s = tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(v.size())}), o);
+  auto s = tv::compute_stats(
+      view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(v.size())}), o);
   std::vector<uint64_t> want = {1, 1, 1, 1, 1, 1, 1, 1, 1, 3};
   EXPECT_EQ(s.hist, want);
   EXPECT_EQ(s.hist_below, 3u);
@@ -367,7 +407,8 @@ TEST_P(StatsCpu, HistogramEdges) {
   // Random data against edge search, for awkward ranges.
   auto r = random_floats(50000, 77, 0.0, 1.0);
   std::vector<double> d(r.begin(), r.end());
-  for (auto range : {std::pair<double, double>{-1, 1}, {-0.3, 0.7000001}, {1e6, 1e6 + 1}, {-1e-3, 1e-3}}) {
+  for (auto range :
+       {std::pair<double, double>{-1, 1}, {-0.3, 0.7000001}, {1e6, 1e6 + 1}, {-1e-3, 1e-3}}) {
     for (int bins : {1, 3, 64, 4096}) {
       o.hist_bins = bins;
       o.hist_lo = range.first;
@@ -395,8 +436,9 @@ TEST_P(StatsCpu, MergeOfPartsEqualsWhole) {
   tv::TensorStats left, right;
   std::vector<tv::TensorStats> parts;
   for (int i = 0; i + 1 < 6; ++i)
-    parts.push_back(tv::compute_stats(
-        view_of(v.data() + cuts[i], tv::DType::kFloat32, {static_cast<int64_t>(cuts[i + 1] - cuts[i])}), o));
+    parts.push_back(tv::compute_stats(view_of(v.data() + cuts[i], tv::DType::kFloat32,
+                                              {static_cast<int64_t>(cuts[i + 1] - cuts[i])}),
+                                      o));
   for (auto& p : parts) left.merge(p);
   // Associativity: ((p0 p1)(p2 (p3 p4))).
   tv::TensorStats a = parts[0], b = parts[3];
@@ -450,9 +492,11 @@ TEST_P(StatsCpu, ThreadsGiveIdenticalResults) {
 TEST_P(StatsCpu, ManyTensors) {
   std::vector<std::vector<float>> data;
   std::vector<tv::TensorView> views;
-  for (int i = 0; i < 40; ++i) data.push_back(random_floats(static_cast<size_t>(1) << (i % 20), i, i, 1 + i));
+  for (int i = 0; i < 40; ++i)
+    data.push_back(random_floats(static_cast<size_t>(1) << (i % 20), i, i, 1 + i));
   data.push_back({});
-  for (auto& d : data) views.push_back(view_of(d.data(), tv::DType::kFloat32, {static_cast<int64_t>(d.size())}));
+  for (auto& d : data)
+    views.push_back(view_of(d.data(), tv::DType::kFloat32, {static_cast<int64_t>(d.size())}));
   tv::StatsOptions o;
   o.hist_bins = 8;
   auto all = tv::compute_stats_many(views, o);

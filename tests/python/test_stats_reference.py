@@ -15,9 +15,7 @@ from tensorvigil.errors import InvalidArgumentError
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-SETTINGS = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Inputs computed in float lanes (f32/f16/bf16) carry float-rounded partial sums.
 FLOAT_LANE = {"float32", "float16", "bfloat16"}
@@ -110,9 +108,7 @@ def arrays(draw):
     kind = draw(st.sampled_from(NUMPY_DTYPES + ["bfloat16", "float8_e4m3fn"]))
     shape = draw(shapes)
     if kind in ("bfloat16", "float8_e4m3fn"):
-        base = draw(
-            hnp.arrays(np.float32, shape, elements=st.floats(-400, 400, width=32))
-        )
+        base = draw(hnp.arrays(np.float32, shape, elements=st.floats(-400, 400, width=32)))
         a = base.astype(getattr(ml_dtypes, kind))
     elif kind.startswith("float"):
         width = {"float64": 64, "float32": 32, "float16": 16}[kind]
@@ -213,8 +209,14 @@ def test_large_chunked_tensor(dtype):
 
 def test_huge_and_tiny_magnitudes():
     r = np.random.default_rng(3)
-    for scale, dtype in [(1e300, "float64"), (1e150, "float64"), (1e36, "float32"),
-                         (1e-30, "float32"), (1e-300, "float64"), (6e4, "float16")]:
+    for scale, dtype in [
+        (1e300, "float64"),
+        (1e150, "float64"),
+        (1e36, "float32"),
+        (1e-30, "float32"),
+        (1e-300, "float64"),
+        (6e4, "float16"),
+    ]:
         with np.errstate(over="ignore"):  # float16 overflows to inf on purpose
             x = (r.standard_normal(5000) * scale).astype(dtype)
         check_against_numpy(tv.compute_stats(x, exp_hist=True), x, exp_hist=True)

@@ -130,6 +130,8 @@ ThreadPool& ThreadPool::global() {
 void ThreadPool::set_global_threads(int threads) {
   std::lock_guard<std::mutex> lk(g_pool_mu);
   g_pool_threads = threads <= 0 ? default_threads() : threads;
+  // Same size: keep the pool (retired pools keep their threads for the process lifetime).
+  if (g_pool && g_pool->size() == g_pool_threads) return;
   if (g_pool) g_retired.push_back(std::move(g_pool));
 }
 

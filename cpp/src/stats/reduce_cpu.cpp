@@ -32,8 +32,8 @@ bool stats_simd_active();
 
 namespace {
 
-constexpr std::size_t kBlock = 4096;           // elements per block (16 KiB of float32)
-constexpr std::size_t kChunkBlocks = 64;       // blocks per thread task
+constexpr std::size_t kBlock = 4096;      // elements per block (16 KiB of float32)
+constexpr std::size_t kChunkBlocks = 64;  // blocks per thread task
 constexpr std::size_t kChunk = kBlock * kChunkBlocks;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -70,9 +70,17 @@ struct BlockSums {
   double s1 = 0, s2 = 0, asum = 0;
   double min = kInf, max = -kInf, amax = 0;
   void add(const BlockSums& o) {
-    nfin += o.nfin; nan += o.nan; posinf += o.posinf; neginf += o.neginf; zeros += o.zeros;
-    s1 += o.s1; s2 += o.s2; asum += o.asum;
-    min = std::min(min, o.min); max = std::max(max, o.max); amax = std::max(amax, o.amax);
+    nfin += o.nfin;
+    nan += o.nan;
+    posinf += o.posinf;
+    neginf += o.neginf;
+    zeros += o.zeros;
+    s1 += o.s1;
+    s2 += o.s2;
+    asum += o.asum;
+    min = std::min(min, o.min);
+    max = std::max(max, o.max);
+    amax = std::max(amax, o.amax);
   }
 };
 
@@ -84,7 +92,10 @@ void block_scalar(const T* x, std::size_t n, double K, BlockSums& b) {
     if (std::isnan(v)) {
       ++b.nan;
     } else if (std::isinf(v)) {
-      if (v > 0) ++b.posinf; else ++b.neginf;
+      if (v > 0)
+        ++b.posinf;
+      else
+        ++b.neginf;
     } else {
       ++b.nfin;
       if (v == 0) ++b.zeros;
@@ -236,8 +247,8 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
       Elem<S>::load2(x + j, x0, x1);
       const __m256i i0 = _mm256_and_si256(_mm256_castps_si256(x0), absmask);
       const __m256i i1 = _mm256_and_si256(_mm256_castps_si256(x1), absmask);
-      zc = _mm256_sub_epi32(zc, _mm256_add_epi32(_mm256_cmpeq_epi32(i0, zero),
-                                                 _mm256_cmpeq_epi32(i1, zero)));
+      zc = _mm256_sub_epi32(
+          zc, _mm256_add_epi32(_mm256_cmpeq_epi32(i0, zero), _mm256_cmpeq_epi32(i1, zero)));
       mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
       mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
       const __m256 d0 = _mm256_sub_ps(x0, kv), d1 = _mm256_sub_ps(x1, kv);
@@ -265,7 +276,9 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
   return true;
 }
 
-// Masked path for blocks holding NaN/Inf (n a multiple of 8).
+// Masked path for blocks holding NaN/Inf and for the sub-128 rest of a block (n a multiple of
+// 8). Off the hot path, so the sum of x is taken in double lanes: small tensors get a mean that
+// is as exact as a float64 reference.
 template <Src S>
 TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
@@ -279,7 +292,7 @@ TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, Bl
   __m256i amax = zero, zc = zero, cf = zero, cn = zero, ci = zero, cni = zero;
   __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
   for (std::size_t i = 0; i < n;) {
-    __m256 s1 = _mm256_setzero_ps(), s2 = s1, sa = s1;
+    __m256 s2 = _mm256_setzero_ps(), sa = s2;
     const std::size_t end = std::min(n, i + 64);
     for (; i < end; i += 8) {
       const __m256 v = Elem<S>::load(x + i);
@@ -296,12 +309,12 @@ TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, Bl
       mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, v, finps));
       const __m256i abf = _mm256_and_si256(ab, fin);
       amax = _mm256_max_epu32(amax, abf);
+      const __m256 xf = _mm256_and_ps(v, finps);
+      D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(xf), cvt_hi(xf)));
       const __m256 d = _mm256_and_ps(_mm256_sub_ps(v, kv), finps);
-      s1 = _mm256_add_ps(s1, d);
       s2 = _mm256_fmadd_ps(d, d, s2);
       sa = _mm256_add_ps(sa, _mm256_castsi256_ps(abf));
     }
-    D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(s1), cvt_hi(s1)));
     D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
     DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
   }
@@ -315,7 +328,7 @@ TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, Bl
     b.min = std::min(b.min, static_cast<double>(hmin_ps(mn)));
     b.max = std::max(b.max, static_cast<double>(hmax_ps(mx)));
     b.amax = std::max(b.amax, static_cast<double>(bits_to_float(hmax_epu32(amax))));
-    b.s1 += hsum_pd(D1);
+    b.s1 += hsum_pd(D1) - static_cast<double>(nfin) * static_cast<double>(K);
     b.s2 += hsum_pd(D2);
     b.asum += hsum_pd(DA);
   }
@@ -388,14 +401,16 @@ TV_AVX2 void block_f64_avx2(const double* x, std::size_t n, double K, BlockSums&
 TV_AVX2 void f16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    _mm256_storeu_ps(dst + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   for (; i < n; ++i) dst[i] = half_to_float(src[i]);
 }
 
 TV_AVX2 void bf16_to_f32_avx2(const uint16_t* src, std::size_t n, float* dst) {
   std::size_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    const __m256i w =
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_slli_epi32(w, 16));
   }
   for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
@@ -411,8 +426,9 @@ TV_AVX2 void exp_raw_f32_avx2(const float* x, std::size_t n, uint32_t* raw, int3
   for (; i + 8 <= n; i += 8) {
     if (i * 8 < pf_bytes) _mm_prefetch(pf + i * 8, _MM_HINT_T0);
     const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ibuf + i),
-                        _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), m), lane_off));
+    _mm256_storeu_si256(
+        reinterpret_cast<__m256i*>(ibuf + i),
+        _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), m), lane_off));
   }
   for (; i < n; ++i) {
     uint32_t u;
@@ -443,7 +459,10 @@ struct HistPlan {
   std::vector<float> fthr;  // bins + 1
 
   void init(int nbins, double l, double h) {
-    bins = nbins; lo = l; hi = h; denom = h - l;
+    bins = nbins;
+    lo = l;
+    hi = h;
+    denom = h - l;
     TensorStats tmp;
     tmp.hist.assign(static_cast<std::size_t>(nbins), 0);
     tmp.hist_lo = l;
@@ -452,8 +471,8 @@ struct HistPlan {
     const double scale = static_cast<double>(nbins) / denom;
     const double u = std::ldexp(1.0, -24);
     const double d = 8.0 * u * (scale * std::max(std::fabs(l), std::fabs(h)) + nbins + 1.0);
-    float_ok = std::isfinite(scale) && std::isfinite(d) && d < 0.05 &&
-               std::fabs(l) < 1e37 && std::fabs(h) < 1e37 && scale < 1e37;
+    float_ok = std::isfinite(scale) && std::isfinite(d) && d < 0.05 && std::fabs(l) < 1e37 &&
+               std::fabs(h) < 1e37 && scale < 1e37;
     lo_f = static_cast<float>(l);
     scale_f = static_cast<float>(scale);
     // fma(x, scale, -lo * scale) rounds once, plus the rounding of lo * scale itself.
@@ -465,7 +484,8 @@ struct HistPlan {
       const double e = edges[static_cast<std::size_t>(k)];
       float f = static_cast<float>(e);
       if (k < nbins) {
-        if (static_cast<double>(f) < e) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+        if (static_cast<double>(f) < e)
+          f = std::nextafter(f, std::numeric_limits<float>::infinity());
       } else if (static_cast<double>(f) <= e) {
         f = std::nextafter(f, std::numeric_limits<float>::infinity());
       }
@@ -592,7 +612,7 @@ TV_AVX2 void hist_f32_avx2(const float* x, std::size_t n, const HistPlan& p, int
 // kernels on it while it is in cache.
 
 struct Plan {
-  bool moments = true;   // false: histogram-only second pass (auto range)
+  bool moments = true;  // false: histogram-only second pass (auto range)
   bool exp_hist = false;
   const HistPlan* hist = nullptr;
 };
@@ -621,8 +641,12 @@ void cast_block(const void* base, std::size_t off, std::size_t n, double* out) {
 
 void to_double(DType dt, const void* base, std::size_t off, std::size_t n, double* out) {
   switch (dt) {
-    case DType::kFloat64: cast_block<double>(base, off, n, out); break;
-    case DType::kFloat32: cast_block<float>(base, off, n, out); break;
+    case DType::kFloat64:
+      cast_block<double>(base, off, n, out);
+      break;
+    case DType::kFloat32:
+      cast_block<float>(base, off, n, out);
+      break;
     case DType::kFloat16: {
       const uint16_t* s = static_cast<const uint16_t*>(base) + off;
       for (std::size_t i = 0; i < n; ++i) out[i] = half_to_float(s[i]);
@@ -633,17 +657,28 @@ void to_double(DType dt, const void* base, std::size_t off, std::size_t n, doubl
       for (std::size_t i = 0; i < n; ++i) out[i] = bf16_to_float(s[i]);
       break;
     }
-    case DType::kFloat8E4M3: case DType::kFloat8E5M2: {
+    case DType::kFloat8E4M3:
+    case DType::kFloat8E5M2: {
       const double* t = fp8_table(dt);
       const uint8_t* s = static_cast<const uint8_t*>(base) + off;
       for (std::size_t i = 0; i < n; ++i) out[i] = t[s[i]];
       break;
     }
-    case DType::kInt8: cast_block<int8_t>(base, off, n, out); break;
-    case DType::kInt16: cast_block<int16_t>(base, off, n, out); break;
-    case DType::kInt32: cast_block<int32_t>(base, off, n, out); break;
-    case DType::kInt64: cast_block<int64_t>(base, off, n, out); break;
-    case DType::kUInt8: cast_block<uint8_t>(base, off, n, out); break;
+    case DType::kInt8:
+      cast_block<int8_t>(base, off, n, out);
+      break;
+    case DType::kInt16:
+      cast_block<int16_t>(base, off, n, out);
+      break;
+    case DType::kInt32:
+      cast_block<int32_t>(base, off, n, out);
+      break;
+    case DType::kInt64:
+      cast_block<int64_t>(base, off, n, out);
+      break;
+    case DType::kUInt8:
+      cast_block<uint8_t>(base, off, n, out);
+      break;
     case DType::kBool: {
       const uint8_t* s = static_cast<const uint8_t*>(base) + off;
       for (std::size_t i = 0; i < n; ++i) out[i] = s[i] ? 1.0 : 0.0;
@@ -743,7 +778,10 @@ TV_AVX2 void moments_f32(const typename Elem<S>::T* x, std::size_t n, ChunkState
   if (!st.has_shift) {
     for (std::size_t i = 0; i < n; ++i) {
       const double v = Elem<S>::scalar(x[i]);
-      if (std::isfinite(v)) { Kd = v; break; }
+      if (std::isfinite(v)) {
+        Kd = v;
+        break;
+      }
     }
   }
   if (!(std::fabs(Kd) < 3e38)) Kd = 0.0;
@@ -812,8 +850,8 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
   static thread_local Thread_buffers buf;
   const bool avx2 = use_avx2();
   const DType dt = v.dtype;
-  const bool f32_lane = avx2 && (dt == DType::kFloat32 || dt == DType::kFloat16 ||
-                                 dt == DType::kBFloat16);
+  const bool f32_lane =
+      avx2 && (dt == DType::kFloat32 || dt == DType::kFloat16 || dt == DType::kBFloat16);
   const Lane lane = f32_lane ? Lane::kF32 : Lane::kF64;
   ChunkState st;
   st.out.numel = end - begin;
@@ -833,12 +871,16 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
         const uint16_t* s = static_cast<const uint16_t*>(v.data) + b0;
         const bool half = dt == DType::kFloat16;
         if (plan.moments) {
-          if (half) moments_f32<Src::kF16>(s, n, st, buf.d.data());
-          else moments_f32<Src::kBF16>(s, n, st, buf.d.data());
+          if (half)
+            moments_f32<Src::kF16>(s, n, st, buf.d.data());
+          else
+            moments_f32<Src::kBF16>(s, n, st, buf.d.data());
         }
         if (extra) {  // the block is in L1 now; widen it once for the histogram kernels
-          if (half) f16_to_f32_avx2(s, n, buf.f.data());
-          else bf16_to_f32_avx2(s, n, buf.f.data());
+          if (half)
+            f16_to_f32_avx2(s, n, buf.f.data());
+          else
+            bf16_to_f32_avx2(s, n, buf.f.data());
           x = buf.f.data();
         }
       }
@@ -853,8 +895,10 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
       if (plan.hist) {
         // After the moments pass the block's NaN/Inf count is known; skip the mask if none.
         const bool clean = plan.moments && st.out.nan + st.out.posinf + st.out.neginf == 0;
-        if (clean) hist_f32_avx2<false>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
-        else hist_f32_avx2<true>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
+        if (clean)
+          hist_f32_avx2<false>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
+        else
+          hist_f32_avx2<true>(x, n, *plan.hist, buf.i.data(), st.hc, pf, pf_bytes);
       }
       continue;
     }
@@ -895,9 +939,9 @@ TensorStats run_chunk(const TensorView& v, std::size_t begin, std::size_t end, c
 
 void validate(const StatsOptions& o) {
   if (o.hist_bins < 0 || o.hist_bins > kMaxHistBins)
-    throw_error(ErrorCode::kInvalidArgument,
-                "[compute_stats] hist_bins must be in [0, " + std::to_string(kMaxHistBins) +
-                    "], got " + std::to_string(o.hist_bins));
+    throw_error(ErrorCode::kInvalidArgument, "[compute_stats] hist_bins must be in [0, " +
+                                                 std::to_string(kMaxHistBins) + "], got " +
+                                                 std::to_string(o.hist_bins));
   if (o.hist_bins > 0 && !o.hist_auto_range) {
     if (!std::isfinite(o.hist_lo) || !std::isfinite(o.hist_hi) || !(o.hist_lo < o.hist_hi))
       throw_error(ErrorCode::kInvalidArgument,
@@ -942,7 +986,8 @@ struct Task {
 
 int resolve_threads(int requested) {
   int t = requested > 0 ? requested : get_num_threads();
-  if (t > 1 && internal::ThreadPool::global().size() < t) internal::ThreadPool::set_global_threads(t);
+  if (t > 1 && internal::ThreadPool::global().size() < t)
+    internal::ThreadPool::set_global_threads(t);
   return t;
 }
 
@@ -1040,8 +1085,6 @@ int get_num_threads() {
   return n > 0 ? n : default_num_threads();
 }
 
-void set_num_threads(int n) {
-  g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed);
-}
+void set_num_threads(int n) { g_num_threads.store(n > 0 ? n : 0, std::memory_order_relaxed); }
 
 }  // namespace tensorvigil

@@ -10,7 +10,9 @@ namespace tensorvigil {
 namespace {
 
 // A record that saw no element carries no information, whatever its optional parts say.
-bool is_identity(const TensorStats& s) { return s.numel == 0 && s.hist.empty() && s.exp_hist.empty(); }
+bool is_identity(const TensorStats& s) {
+  return s.numel == 0 && s.hist.empty() && s.exp_hist.empty();
+}
 
 // min/max are NaN when a side has no finite element: fmin/fmax treat NaN as missing.
 double nan_min(double a, double b) { return std::fmin(a, b); }
