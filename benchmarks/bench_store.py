@@ -53,7 +53,7 @@ GB = 1e9
 class Timer:
     """Wall and process-CPU time (all threads) of a ``with`` block."""
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.c0 = time.process_time()
         self.t0 = time.perf_counter()
         return self
@@ -107,7 +107,9 @@ class Contention:
 
     def report(self) -> None:
         self.section(None)
-        log("CPU used by OTHER processes while each section ran (share of all cores; > ~10% skews timings):")
+        log(
+            "CPU used by OTHER processes while each section ran (share of all cores; > ~10% skews timings):"
+        )
         log("  " + "; ".join(f"{n} {100 * f:.0f}% ({w:.0f} s)" for n, w, f in self.rows))
 
 
@@ -136,7 +138,9 @@ def fs_type(path: str) -> str:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 2 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                if len(parts) > 2 and (
+                    real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")
+                ):
                     if len(parts[1]) >= len(best):
                         best, typ = parts[1], f"{parts[2]} on {parts[0]} ({parts[1]})"
     except OSError:
@@ -146,7 +150,16 @@ def fs_type(path: str) -> str:
 
 def versions() -> str:
     out = [f"python {platform.python_version()}", f"numpy {np.__version__}"]
-    for mod in ("tensorvigil", "torch", "safetensors", "h5py", "zarr", "numcodecs", "blosc2", "pyarrow"):
+    for mod in (
+        "tensorvigil",
+        "torch",
+        "safetensors",
+        "h5py",
+        "zarr",
+        "numcodecs",
+        "blosc2",
+        "pyarrow",
+    ):
         try:
             m = __import__(mod)
             out.append(f"{mod} {getattr(m, '__version__', '?')}")
@@ -165,10 +178,14 @@ def machine_report(out_dir: str) -> None:
     except AttributeError:
         aff = os.cpu_count()
     log("== machine")
-    log(f"cpu       : {read_first('/proc/cpuinfo', 'model name')}; {os.cpu_count()} logical cores ({aff} usable)")
+    log(
+        f"cpu       : {read_first('/proc/cpuinfo', 'model name')}; {os.cpu_count()} logical cores ({aff} usable)"
+    )
     log(f"memory    : {mem}")
     log(f"kernel    : {platform.platform()}")
-    log(f"out dir   : {out_dir}: {fs_type(out_dir)}; {du.free / GB:.1f} GB free of {du.total / GB:.1f} GB")
+    log(
+        f"out dir   : {out_dir}: {fs_type(out_dir)}; {du.free / GB:.1f} GB free of {du.total / GB:.1f} GB"
+    )
     log(f"load avg  : {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min) at start")
     log(f"versions  : {versions()}")
     log(f"tensorvigil from {os.path.dirname(tv.__file__)}")
@@ -294,7 +311,9 @@ def dd_bandwidth(out_dir: str, nbytes: int) -> float:
     try:
         p = subprocess.run(
             ["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         # "419430400 bytes (419 MB, 400 MiB) copied, 1.94701 s, 215 MB/s"
         m = re.search(r"^(\d+) bytes.*copied, ([\d.,]+) s", p.stderr, re.M)
@@ -357,7 +376,9 @@ def st_read(path: str, names) -> dict:
 
 def npz_write(compressed: bool) -> Callable:
     def write(path: str, items) -> None:
-        (np.savez_compressed if compressed else np.savez)(os.path.join(path, "model.npz"), **dict(items))
+        (np.savez_compressed if compressed else np.savez)(
+            os.path.join(path, "model.npz"), **dict(items)
+        )
 
     return write
 
@@ -400,7 +421,10 @@ def zarr_write(path: str, items) -> None:
     g = zarr.open_group(store=os.path.join(path, "model.zarr"), mode="w", zarr_format=3)
     for n, a in items:
         arr = g.create_array(
-            name=n, shape=a.shape, dtype=a.dtype, chunks=zarr_chunks(a.shape),
+            name=n,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=zarr_chunks(a.shape),
             compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=4),
         )
         arr[...] = a
@@ -430,17 +454,39 @@ def torch_read(path: str, names) -> dict:
 def formats(full_bytes: int, quick: bool) -> list[tuple]:
     slow_subset = None if quick else 64 * 10**6
     return [
-        ("tv shuffle-zstd (default)", tv_write("shuffle-zstd"), tv_read, None, "level 1, 2 threads, fsync=True"),
+        (
+            "tv shuffle-zstd (default)",
+            tv_write("shuffle-zstd"),
+            tv_read,
+            None,
+            "level 1, 2 threads, fsync=True",
+        ),
         ("tv zstd", tv_write("zstd"), tv_read, None, "level 1"),
         ("tv raw", tv_write("raw"), tv_read, None, "no compression (CRC-32C + stats only)"),
         ("safetensors", st_write, st_read, None, "safetensors.numpy save_file/load_file"),
         ("np.savez", npz_write(False), npz_read, None, "zip, stored"),
-        ("np.savez_compressed", npz_write(True), npz_read, slow_subset, "zip deflate (zlib level 6)"),
+        (
+            "np.savez_compressed",
+            npz_write(True),
+            npz_read,
+            slow_subset,
+            "zip deflate (zlib level 6)",
+        ),
         ("h5py", h5_write(), h5_read, None, "contiguous, uncompressed"),
-        ("h5py lzf+shuffle", h5_write(compression="lzf", shuffle=True, chunks=True), h5_read, None,
-         "auto chunks"),
-        ("zarr3 blosc zstd1+shuffle", zarr_write, zarr_read, None,
-         "BloscCodec(zstd, clevel=1, shuffle), 4 MB chunks"),
+        (
+            "h5py lzf+shuffle",
+            h5_write(compression="lzf", shuffle=True, chunks=True),
+            h5_read,
+            None,
+            "auto chunks",
+        ),
+        (
+            "zarr3 blosc zstd1+shuffle",
+            zarr_write,
+            zarr_read,
+            None,
+            "BloscCodec(zstd, clevel=1, shuffle), 4 MB chunks",
+        ),
         ("torch.save", torch_write, torch_read, None, "torch.load(weights_only=True)"),
     ]
 
@@ -472,13 +518,17 @@ def bench_format(label, write, read, items, base_dir, cold: bool) -> dict:
 
 
 def print_format_table(rows: list[dict], dd: float) -> None:
-    log(f"{'format':28s} {'data MB':>8s} {'write MB/s':>10s} {'%dd':>5s} {'cpu s':>6s} {'disk MB':>8s} "
-        f"{'ratio':>6s} {'read warm MB/s':>14s} {'read cold MB/s':>14s}  ok")
+    log(
+        f"{'format':28s} {'data MB':>8s} {'write MB/s':>10s} {'%dd':>5s} {'cpu s':>6s} {'disk MB':>8s} "
+        f"{'ratio':>6s} {'read warm MB/s':>14s} {'read cold MB/s':>14s}  ok"
+    )
     for r in rows:
         cold = f"{r['raw'] / r['cold_s'] / MB:14.0f}" if "cold_s" in r else f"{'-':>14s}"
-        log(f"{r['label']:28s} {r['raw'] / MB:8.1f} {r['raw'] / r['write_s'] / MB:10.0f} "
+        log(
+            f"{r['label']:28s} {r['raw'] / MB:8.1f} {r['raw'] / r['write_s'] / MB:10.0f} "
             f"{100 * r['raw'] / r['write_s'] / MB / dd:5.0f} {r['write_cpu']:6.2f} {r['size'] / MB:8.1f} "
-            f"{r['raw'] / r['size']:6.3f} {r['raw'] / r['read_s'] / MB:14.0f} {cold}  {'yes' if r['ok'] else 'NO'}")
+            f"{r['raw'] / r['size']:6.3f} {r['raw'] / r['read_s'] / MB:14.0f} {cold}  {'yes' if r['ok'] else 'NO'}"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -496,8 +546,14 @@ def tv_pipeline(items, base_dir: str, codec: str, reps: int) -> dict:
     walls = []
     for _ in range(reps):
         path = fresh_dir(os.path.join(base_dir, f"pipe_{codec}"))
-        w = tv.StoreWriter(path, codec=codec, fsync=False, max_pending_bytes=4 * nbytes + (64 << 20),
-                           roll_bytes=1 << 40, roll_seconds=3600)
+        w = tv.StoreWriter(
+            path,
+            codec=codec,
+            fsync=False,
+            max_pending_bytes=4 * nbytes + (64 << 20),
+            roll_bytes=1 << 40,
+            roll_seconds=3600,
+        )
         gc.collect()
         with Timer() as t:
             for n, a in items:
@@ -508,8 +564,13 @@ def tv_pipeline(items, base_dir: str, codec: str, reps: int) -> dict:
         c = w.counters()
         walls.append(t.wall)
         if not best or t.wall < best["wall"]:
-            best = {"wall": t.wall, "cpu": t.cpu, "raw": c["raw_bytes"], "stored": c["stored_bytes"],
-                    "file": c["file_bytes"]}
+            best = {
+                "wall": t.wall,
+                "cpu": t.cpu,
+                "raw": c["raw_bytes"],
+                "stored": c["stored_bytes"],
+                "file": c["file_bytes"],
+            }
         shutil.rmtree(path, ignore_errors=True)
     best["median_wall"] = statistics.median(walls)
     best["mbps"] = nbytes / best["wall"] / MB
@@ -522,8 +583,14 @@ def blosc2_bench(items, reps: int, split: bool = True) -> dict:
     block is a separate zstd stream); split=False compresses the shuffled block as one stream."""
     import blosc2
 
-    kw = dict(codec=blosc2.Codec.ZSTD, clevel=1, filters=[blosc2.Filter.SHUFFLE], typesize=4, nthreads=2,
-              splitmode=blosc2.SplitMode.AUTO_SPLIT if split else blosc2.SplitMode.NEVER_SPLIT)
+    kw = dict(
+        codec=blosc2.Codec.ZSTD,
+        clevel=1,
+        filters=[blosc2.Filter.SHUFFLE],
+        typesize=4,
+        nthreads=2,
+        splitmode=blosc2.SplitMode.AUTO_SPLIT if split else blosc2.SplitMode.NEVER_SPLIT,
+    )
     blosc2.compress2(items[0][1], **kw)  # warm-up
     best: dict = {}
     for _ in range(reps):
@@ -561,18 +628,28 @@ def compression_section(items, base_dir: str, reps: int, title: str) -> dict:
     sz["ratio"] = sz["raw"] / sz["stored"]
     zs["ratio"] = zs["raw"] / zs["stored"]
     log(f"{'':34s} {'MB/s':>8s} {'cpu s':>6s} {'ratio':>7s}  note")
-    log(f"{'tv shuffle-zstd pipeline':34s} {sz['mbps']:8.0f} {sz['cpu']:6.2f} {sz['ratio']:7.4f}  "
+    log(
+        f"{'tv shuffle-zstd pipeline':34s} {sz['mbps']:8.0f} {sz['cpu']:6.2f} {sz['ratio']:7.4f}  "
         f"write()+flush(), fsync off; median {nbytes / sz['median_wall'] / MB:.0f} MB/s; "
-        f"file ratio {sz['raw'] / sz['file']:.4f}")
+        f"file ratio {sz['raw'] / sz['file']:.4f}"
+    )
     log(f"{'tv zstd pipeline':34s} {zs['mbps']:8.0f} {zs['cpu']:6.2f} {zs['ratio']:7.4f}")
-    log(f"{'tv raw pipeline':34s} {rw['mbps']:8.0f} {rw['cpu']:6.2f} {1.0:7.4f}  copy + stats + CRC + write only")
-    log(f"{'tv shuffle+zstd encode, 1 core':34s} {enc_core:8.0f} {enc_cpu:6.2f} {'':7s}  "
-        f"estimated: CPU(shuffle-zstd) - CPU(raw); x2 cores = {2 * enc_core:.0f} MB/s")
-    log(f"{'blosc2 zstd1+shuffle, 2 threads':34s} {bl['mbps']:8.0f} {bl['cpu']:6.2f} {bl['ratio']:7.4f}  "
+    log(
+        f"{'tv raw pipeline':34s} {rw['mbps']:8.0f} {rw['cpu']:6.2f} {1.0:7.4f}  copy + stats + CRC + write only"
+    )
+    log(
+        f"{'tv shuffle+zstd encode, 1 core':34s} {enc_core:8.0f} {enc_cpu:6.2f} {'':7s}  "
+        f"estimated: CPU(shuffle-zstd) - CPU(raw); x2 cores = {2 * enc_core:.0f} MB/s"
+    )
+    log(
+        f"{'blosc2 zstd1+shuffle, 2 threads':34s} {bl['mbps']:8.0f} {bl['cpu']:6.2f} {bl['ratio']:7.4f}  "
         f"compress2 per tensor, default blocksize and splitmode (per-byte-plane streams); "
-        f"decompress {bl['dec_mbps']:.0f} MB/s")
-    log(f"{'blosc2 same, NEVER_SPLIT':34s} {bl1['mbps']:8.0f} {bl1['cpu']:6.2f} {bl1['ratio']:7.4f}  "
-        f"one zstd stream per shuffled block, as tensorvigil does per 256 KB chunk (1 pass)")
+        f"decompress {bl['dec_mbps']:.0f} MB/s"
+    )
+    log(
+        f"{'blosc2 same, NEVER_SPLIT':34s} {bl1['mbps']:8.0f} {bl1['cpu']:6.2f} {bl1['ratio']:7.4f}  "
+        f"one zstd stream per shuffled block, as tensorvigil does per 256 KB chunk (1 pass)"
+    )
     return {"sz": sz, "zs": zs, "raw": rw, "blosc2": bl, "enc_core": enc_core}
 
 
@@ -590,8 +667,10 @@ def big_section(args, base_dir: str, results: dict, cold_ok: bool) -> None:
     free = shutil.disk_usage(base_dir).free
     room = int((free - 2 * GB) * 0.8)  # keep 2 GB and a margin
     if want > room:
-        log(f"!! only {free / GB:.1f} GB free in {base_dir}: scaling the big run from {want / GB:.1f} GB "
-            f"down to {max(room, 0) / GB:.1f} GB")
+        log(
+            f"!! only {free / GB:.1f} GB free in {base_dir}: scaling the big run from {want / GB:.1f} GB "
+            f"down to {max(room, 0) / GB:.1f} GB"
+        )
         want = max(room, 0)
     steps = max(1, want // per_step)
     if want < per_step:
@@ -603,10 +682,15 @@ def big_section(args, base_dir: str, results: dict, cold_ok: bool) -> None:
         a = rng.standard_normal(per_tensor, dtype=np.float32)
         a *= np.float32(0.02 * np.exp(rng.normal(0, 0.5)))
         big.append((f"block.{i}.weight", a.reshape(1024, 1024)))
-    small = [(f"block.{i}.scale", rng.standard_normal(small_numel, dtype=np.float32)) for i in range(n_small)]
+    small = [
+        (f"block.{i}.scale", rng.standard_normal(small_numel, dtype=np.float32))
+        for i in range(n_small)
+    ]
     path = fresh_dir(os.path.join(base_dir, "big_run"))
-    log(f"-- writing {steps} steps x ({n_big} x 4 MB + {n_small} x 4 KB) = {steps * per_step / GB:.2f} GB raw, "
-        f"codec shuffle-zstd (default), fsync=True (the same tensors every step)")
+    log(
+        f"-- writing {steps} steps x ({n_big} x 4 MB + {n_small} x 4 KB) = {steps * per_step / GB:.2f} GB raw, "
+        f"codec shuffle-zstd (default), fsync=True (the same tensors every step)"
+    )
     w = tv.StoreWriter(path, fsync=True)
     with Timer() as t:
         for s in range(steps):
@@ -617,8 +701,10 @@ def big_section(args, base_dir: str, results: dict, cold_ok: bool) -> None:
             w.commit(s)
         w.close()
     c = w.counters()
-    log(f"   write: {t.wall:.1f} s, {steps * per_step / t.wall / MB:.0f} MB/s raw (sustained, durable at close), "
-        f"{c['file_bytes'] / GB:.2f} GB on disk in {c['shards']} shards, ratio {c['raw_bytes'] / c['stored_bytes']:.4f}")
+    log(
+        f"   write: {t.wall:.1f} s, {steps * per_step / t.wall / MB:.0f} MB/s raw (sustained, durable at close), "
+        f"{c['file_bytes'] / GB:.2f} GB on disk in {c['shards']} shards, ratio {c['raw_bytes'] / c['stored_bytes']:.4f}"
+    )
     results["big_write_mbps"] = steps * per_step / t.wall / MB
     del big, small
     gc.collect()
@@ -629,15 +715,21 @@ def big_section(args, base_dir: str, results: dict, cold_ok: bool) -> None:
             run = tv.open(path)
         opens.append(to.wall)
     results["big_open_s"] = statistics.median(opens)
-    log(f"   tv.open(): median {1e3 * statistics.median(opens):.1f} ms of 5 (warm), "
-        f"{len(run.steps())} steps, {len(run.tensor_names())} tensors")
+    log(
+        f"   tv.open(): median {1e3 * statistics.median(opens):.1f} ms of 5 (warm), "
+        f"{len(run.steps())} steps, {len(run.tensor_names())} tensors"
+    )
 
     rnd = random.Random(args.seed)
     n_pairs = 50 if args.quick else 200
-    pairs_big = [(f"block.{rnd.randrange(n_big)}.weight", rnd.randrange(steps)) for _ in range(n_pairs)]
-    pairs_small = [(f"block.{rnd.randrange(n_small)}.scale", rnd.randrange(steps)) for _ in range(n_pairs)]
+    pairs_big = [
+        (f"block.{rnd.randrange(n_big)}.weight", rnd.randrange(steps)) for _ in range(n_pairs)
+    ]
+    pairs_small = [
+        (f"block.{rnd.randrange(n_small)}.scale", rnd.randrange(steps)) for _ in range(n_pairs)
+    ]
 
-    def time_reads(pairs, reps=1) -> list[float]:
+    def time_reads(pairs, reps=1, run=run) -> list[float]:
         out = []
         for _ in range(reps):
             for n, s in pairs:
@@ -654,17 +746,23 @@ def big_section(args, base_dir: str, results: dict, cold_ok: bool) -> None:
     results["ra_big_med_ms"] = 1e3 * statistics.median(lb)
     results["ra_big_p90_ms"] = 1e3 * pct(lb, 0.9)
     results["ra_small_med_ms"] = 1e3 * statistics.median(ls)
-    log(f"   read one 4 MB tensor at one step (warm, {len(lb)} reads of {n_pairs} random pairs): "
+    log(
+        f"   read one 4 MB tensor at one step (warm, {len(lb)} reads of {n_pairs} random pairs): "
         f"median {1e3 * statistics.median(lb):.2f} ms, p90 {1e3 * pct(lb, 0.9):.2f} ms "
-        f"({4.194304 / statistics.median(lb):.0f} MB/s)")
-    log(f"   read one 4 KB tensor at one step (warm): median {1e3 * statistics.median(ls):.3f} ms, "
-        f"p90 {1e3 * pct(ls, 0.9):.3f} ms")
+        f"({4.194304 / statistics.median(lb):.0f} MB/s)"
+    )
+    log(
+        f"   read one 4 KB tensor at one step (warm): median {1e3 * statistics.median(ls):.3f} ms, "
+        f"p90 {1e3 * pct(ls, 0.9):.3f} ms"
+    )
     if cold_ok and drop_caches():
         with Timer() as to:
             run = tv.open(path)
         cold = time_reads(pairs_big[:20])
-        log(f"   cold (after drop_caches): tv.open() {1e3 * to.wall:.1f} ms; 4 MB reads median "
-            f"{1e3 * statistics.median(cold):.2f} ms, p90 {1e3 * pct(cold, 0.9):.2f} ms")
+        log(
+            f"   cold (after drop_caches): tv.open() {1e3 * to.wall:.1f} ms; 4 MB reads median "
+            f"{1e3 * statistics.median(cold):.2f} ms, p90 {1e3 * pct(cold, 0.9):.2f} ms"
+        )
     del run
     shutil.rmtree(path, ignore_errors=True)
 
@@ -680,8 +778,10 @@ def stats_section(args, base_dir: str, results: dict) -> None:
     path = fresh_dir(os.path.join(base_dir, "stats_run"))
     vals = [np.random.default_rng(i).standard_normal(8, dtype=np.float32) for i in range(ntens)]
     names = [f"model.layer{i // 4}.t{i % 4}/grad" for i in range(ntens)]
-    log(f"-- writing {steps} steps x {ntens} tensors = {steps * ntens:,} records, stats_only=True, "
-        f"8-element float32 arrays, fsync=True")
+    log(
+        f"-- writing {steps} steps x {ntens} tensors = {steps * ntens:,} records, stats_only=True, "
+        f"8-element float32 arrays, fsync=True"
+    )
     w = tv.StoreWriter(path, fsync=True)
     with Timer() as t:
         for s in range(steps):
@@ -692,8 +792,10 @@ def stats_section(args, base_dir: str, results: dict) -> None:
     nrec = steps * ntens
     c = w.counters()
     results["stats_write_us"] = 1e6 * t.wall / nrec
-    log(f"   write: {t.wall:.1f} s = {1e6 * t.wall / nrec:.1f} us/record wall, {1e6 * t.cpu / nrec:.1f} us/record CPU; "
-        f"{c['file_bytes'] / MB:.1f} MB in {c['shards']} shards")
+    log(
+        f"   write: {t.wall:.1f} s = {1e6 * t.wall / nrec:.1f} us/record wall, {1e6 * t.cpu / nrec:.1f} us/record CPU; "
+        f"{c['file_bytes'] / MB:.1f} MB in {c['shards']} shards"
+    )
     opens = []
     for _ in range(3):
         with Timer() as to:
@@ -710,11 +812,15 @@ def stats_section(args, base_dir: str, results: dict) -> None:
     assert tab.num_rows == nrec, (tab.num_rows, nrec)
     results["stats_s"] = min(ts)
     results["stats_rows"] = tab.num_rows
-    log(f"   run.stats(): {tab.num_rows:,} rows x {tab.num_columns} columns, best {min(ts):.3f} s, "
-        f"median {statistics.median(ts):.3f} s of 3")
+    log(
+        f"   run.stats(): {tab.num_rows:,} rows x {tab.num_columns} columns, best {min(ts):.3f} s, "
+        f"median {statistics.median(ts):.3f} s of 3"
+    )
     with Timer() as tt:
         tab2 = run.stats(names=names[:10], steps=range(steps // 2, steps))
-    log(f"   run.stats(10 tensors, last half of the steps): {tab2.num_rows:,} rows in {1e3 * tt.wall:.1f} ms")
+    log(
+        f"   run.stats(10 tensors, last half of the steps): {tab2.num_rows:,} rows in {1e3 * tt.wall:.1f} ms"
+    )
     del run, tab, tab2
     shutil.rmtree(path, ignore_errors=True)
 
@@ -724,7 +830,9 @@ def stats_section(args, base_dir: str, results: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/tmp/tv-bench", help="bench output directory (default /tmp/tv-bench)")
+    ap.add_argument(
+        "--out", default="/tmp/tv-bench", help="bench output directory (default /tmp/tv-bench)"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes; a smoke test in < 1 min")
     ap.add_argument("--skip-big", action="store_true", help="skip the ~10 GB random-access run")
     ap.add_argument("--big-gb", type=float, default=10.0, help="size of the random-access run (GB)")
@@ -747,10 +855,14 @@ def main() -> int:
         pass
     import tensorvigil as tv  # noqa: F401 - fail early when it is not installed
 
-    log(f"# bench_store.py {'--quick ' if args.quick else ''}— {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    log(
+        f"# bench_store.py {'--quick ' if args.quick else ''}— {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
     machine_report(out)
     cold_ok = not args.no_drop_caches and can_drop_caches()
-    log(f"page cache: {'droppable: cold reads are measured after drop_caches' if cold_ok else 'not droppable: warm reads only'}")
+    log(
+        f"page cache: {'droppable: cold reads are measured after drop_caches' if cold_ok else 'not droppable: warm reads only'}"
+    )
     results: dict = {}
 
     # 1. data
@@ -760,14 +872,18 @@ def main() -> int:
     nbytes = nbytes_of(data)
     sizes = np.array([a.size for _, a in data])
     log("\n== 1. data")
-    log(f"gaussian f32: {len(data)} tensors, {nbytes / MB:.1f} MB, numel {sizes.min():,}..{sizes.max():,} "
+    log(
+        f"gaussian f32: {len(data)} tensors, {nbytes / MB:.1f} MB, numel {sizes.min():,}..{sizes.max():,} "
         f"(median {int(np.median(sizes)):,}; weights 1K..4M, biases and norms smaller); weights N(0, s), s = 0.02*lognormal(0, 0.5); biases N(0, s/4); "
-        f"norm weights 1+N(0, 0.02); seed {args.seed}; generated in {t.wall:.1f} s")
+        f"norm weights 1+N(0, 0.02); seed {args.seed}; generated in {t.wall:.1f} s"
+    )
     bf16 = None
     if not args.no_bf16:
         bf16 = [(n, bf16_rounded(a)) for n, a in data]
-        log("bf16-rounded f32: the same tensors rounded to bfloat16 (nearest even) and widened back to f32 "
-            "(the low 16 bits of every value are zero, as for bf16-trained weights saved as f32)")
+        log(
+            "bf16-rounded f32: the same tensors rounded to bfloat16 (nearest even) and widened back to f32 "
+            "(the low 16 bits of every value are zero, as for bf16-trained weights saved as f32)"
+        )
 
     # 2. disk
     CONT.section("disk")
@@ -776,21 +892,35 @@ def main() -> int:
     dd = max(dds)
     pyw = python_write_fsync(out, data)
     results["dd"] = dd
-    log(f"dd if=/dev/zero bs=16M conv=fsync: {' / '.join(f'{x:.0f}' for x in dds)} MB/s (best {dd:.0f} MB/s is the reference)")
-    log(f"python write()+fsync of the tensor bytes: {pyw:.0f} MB/s "
-        "(the virtual disk's fsync rate varies a lot between runs: compare best with best)")
+    log(
+        f"dd if=/dev/zero bs=16M conv=fsync: {' / '.join(f'{x:.0f}' for x in dds)} MB/s (best {dd:.0f} MB/s is the reference)"
+    )
+    log(
+        f"python write()+fsync of the tensor bytes: {pyw:.0f} MB/s "
+        "(the virtual disk's fsync rate varies a lot between runs: compare best with best)"
+    )
 
     # 3. formats
     CONT.section("formats")
     log("\n== 3. formats, gaussian f32 data")
-    log("write = save + close + fsync of every file written (durable), MB/s of raw tensor bytes; "
+    log(
+        "write = save + close + fsync of every file written (durable), MB/s of raw tensor bytes; "
         "read = every tensor back into memory (numpy), warm = page cache holds the files just written"
-        + ("; cold = after drop_caches" if cold_ok else "; cold not measured (drop_caches not permitted)"))
+        + (
+            "; cold = after drop_caches"
+            if cold_ok
+            else "; cold not measured (drop_caches not permitted)"
+        )
+    )
     rows = []
     for label, w, r, sub, note in formats(nbytes, args.quick):
         items = subset(data, sub) if sub else data
         res = bench_format(label, w, r, items, out, cold_ok)
-        res["note"] = note + (f"; measured on a {nbytes_of(items) / MB:.0f} MB subset (slow)" if items is not data else "")
+        res["note"] = note + (
+            f"; measured on a {nbytes_of(items) / MB:.0f} MB subset (slow)"
+            if items is not data
+            else ""
+        )
         rows.append(res)
         log(f"   {label}: done ({res['write_s'] + res['read_s']:.1f} s)")
     print_format_table(rows, dd)
@@ -807,13 +937,17 @@ def main() -> int:
         raw_runs.append(nbytes / t.wall / MB)
         shutil.rmtree(path, ignore_errors=True)
     results["tv_raw_write"] = max(raw_runs)
-    log(f"tv raw durable write, 3 runs: {' / '.join(f'{x:.0f}' for x in raw_runs)} MB/s "
-        f"(best {max(raw_runs):.0f} is compared with the best dd)")
+    log(
+        f"tv raw durable write, 3 runs: {' / '.join(f'{x:.0f}' for x in raw_runs)} MB/s "
+        f"(best {max(raw_runs):.0f} is compared with the best dd)"
+    )
 
     # 4. compression
     CONT.section("compression")
-    log("\n== 4. compression (encoder without the disk; the tensorvigil pipeline also computes the fused "
-        "statistics of every tensor on its 2 threads)")
+    log(
+        "\n== 4. compression (encoder without the disk; the tensorvigil pipeline also computes the fused "
+        "statistics of every tensor on its 2 threads)"
+    )
     reps = 2 if args.quick else 3
     comp = compression_section(data, out, reps, "gaussian f32")
     results["comp"] = comp
@@ -822,7 +956,7 @@ def main() -> int:
         results["comp16"] = comp16
         log("-- bf16-rounded f32 on disk (durable write, as in section 3)")
         rows16 = []
-        for label, w, r, sub, note in formats(nbytes, args.quick):
+        for label, w, r, _sub, _note in formats(nbytes, args.quick):
             if label.startswith(("tv shuffle", "tv zstd", "zarr", "h5py lzf")):
                 rows16.append(bench_format(label, w, r, bf16, out, False))
         print_format_table(rows16, dd)
@@ -847,37 +981,79 @@ def main() -> int:
     CONT.report()
     tgt = []
     sz = comp["sz"]
-    tgt.append(("encode pipeline shuffle-zstd >= 1000 MB/s (2 threads, incl. stats)", sz["mbps"] >= 1000,
-                f"{sz['mbps']:.0f} MB/s = {sz['mbps'] / 1000:.2f}x target"))
+    tgt.append(
+        (
+            "encode pipeline shuffle-zstd >= 1000 MB/s (2 threads, incl. stats)",
+            sz["mbps"] >= 1000,
+            f"{sz['mbps']:.0f} MB/s = {sz['mbps'] / 1000:.2f}x target",
+        )
+    )
     enc2 = 2 * comp["enc_core"]
-    tgt.append(("encode only shuffle+zstd >= 1000 MB/s (2 cores, CPU-time estimate)", enc2 >= 1000,
-                f"{enc2:.0f} MB/s = {enc2 / 1000:.2f}x target"))
+    tgt.append(
+        (
+            "encode only shuffle+zstd >= 1000 MB/s (2 cores, CPU-time estimate)",
+            enc2 >= 1000,
+            f"{enc2:.0f} MB/s = {enc2 / 1000:.2f}x target",
+        )
+    )
     rel = sz["ratio"] / comp["blosc2"]["ratio"]
-    tgt.append(("ratio within 2% of blosc2 zstd1+shuffle (gaussian)", rel >= 0.98,
-                f"{sz['ratio']:.4f} vs {comp['blosc2']['ratio']:.4f} = {100 * (rel - 1):+.2f}%"))
+    tgt.append(
+        (
+            "ratio within 2% of blosc2 zstd1+shuffle (gaussian)",
+            rel >= 0.98,
+            f"{sz['ratio']:.4f} vs {comp['blosc2']['ratio']:.4f} = {100 * (rel - 1):+.2f}%",
+        )
+    )
     if "comp16" in results:
         c16 = results["comp16"]
         rel16 = c16["sz"]["ratio"] / c16["blosc2"]["ratio"]
-        tgt.append(("ratio within 2% of blosc2 zstd1+shuffle (bf16-rounded)", rel16 >= 0.98,
-                    f"{c16['sz']['ratio']:.4f} vs {c16['blosc2']['ratio']:.4f} = {100 * (rel16 - 1):+.2f}%"))
-        tgt.append(("encode pipeline >= 1000 MB/s (bf16-rounded)", c16["sz"]["mbps"] >= 1000,
-                    f"{c16['sz']['mbps']:.0f} MB/s"))
+        tgt.append(
+            (
+                "ratio within 2% of blosc2 zstd1+shuffle (bf16-rounded)",
+                rel16 >= 0.98,
+                f"{c16['sz']['ratio']:.4f} vs {c16['blosc2']['ratio']:.4f} = {100 * (rel16 - 1):+.2f}%",
+            )
+        )
+        tgt.append(
+            (
+                "encode pipeline >= 1000 MB/s (bf16-rounded)",
+                c16["sz"]["mbps"] >= 1000,
+                f"{c16['sz']['mbps']:.0f} MB/s",
+            )
+        )
     frac = results["tv_raw_write"] / dd
-    tgt.append(("tv raw durable write >= 80% of dd", frac >= 0.8,
-                f"{results['tv_raw_write']:.0f} vs {dd:.0f} MB/s = {100 * frac:.0f}%"))
+    tgt.append(
+        (
+            "tv raw durable write >= 80% of dd",
+            frac >= 0.8,
+            f"{results['tv_raw_write']:.0f} vs {dd:.0f} MB/s = {100 * frac:.0f}%",
+        )
+    )
     if "ra_big_med_ms" in results:
-        tgt.append(("read one 4 MB tensor at one step, warm, median <= 2 ms", results["ra_big_med_ms"] <= 2,
-                    f"median {results['ra_big_med_ms']:.2f} ms, p90 {results['ra_big_p90_ms']:.2f} ms "
-                    f"(4 KB tensor: {results['ra_small_med_ms']:.3f} ms); tv.open() {1e3 * results['big_open_s']:.0f} ms"))
-    tgt.append((f"run.stats() of {results['stats_rows']:,} rows <= 0.5 s", results["stats_s"] <= 0.5,
-                f"{results['stats_s']:.3f} s = {results['stats_s'] / 0.5:.2f}x budget; tv.open() {results['stats_open_s']:.3f} s"))
+        tgt.append(
+            (
+                "read one 4 MB tensor at one step, warm, median <= 2 ms",
+                results["ra_big_med_ms"] <= 2,
+                f"median {results['ra_big_med_ms']:.2f} ms, p90 {results['ra_big_p90_ms']:.2f} ms "
+                f"(4 KB tensor: {results['ra_small_med_ms']:.3f} ms); tv.open() {1e3 * results['big_open_s']:.0f} ms",
+            )
+        )
+    tgt.append(
+        (
+            f"run.stats() of {results['stats_rows']:,} rows <= 0.5 s",
+            results["stats_s"] <= 0.5,
+            f"{results['stats_s']:.3f} s = {results['stats_s'] / 0.5:.2f}x budget; tv.open() {results['stats_open_s']:.3f} s",
+        )
+    )
     for name, ok, detail in tgt:
         log(f"{'PASS' if ok else 'MISS'}  {name:70s} {detail}")
     log(f"info  stats_only write cost: {results['stats_write_us']:.1f} us/record")
     bad = [r["label"] for r in rows if not r["ok"]]
     if bad:
         log(f"!! read-back mismatch: {', '.join(bad)}")
-    log(f"\nload avg at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; total {time.perf_counter() - t_start:.0f} s")
+    log(
+        f"\nload avg at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; total {time.perf_counter() - t_start:.0f} s"
+    )
     return 1 if bad else 0
 
 

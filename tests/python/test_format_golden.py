@@ -48,7 +48,9 @@ def test_golden_values_and_stats(step):
             continue
         got = t.value(step)
         assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
+        np.testing.assert_array_equal(
+            got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8)
+        )
 
 
 def test_golden_histograms():

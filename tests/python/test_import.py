@@ -39,7 +39,16 @@ def test_cli_ls_and_stats(tmp_path):
 
 def test_demo_runs(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "tensorvigil", "demo", "--out", str(tmp_path / "demo"), "--steps", "60"],
+        [
+            sys.executable,
+            "-m",
+            "tensorvigil",
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--steps",
+            "60",
+        ],
         capture_output=True,
         text=True,
         check=True,
