@@ -8,7 +8,7 @@ JOBS=${JOBS:-2}
 
 bash tools/install-deps.sh --test
 # The CPU build of torch first: a bare "torch" requirement would pull a multi-GB CUDA build.
-$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q "torch==2.13.0" "cmake>=3.20" ninja
 $PY -m pip install -q ".[test]"
 
 echo "== C++ tests (ctest)"

@@ -1,0 +1,405 @@
+"""
+tensorvigil native core: fused statistics and the tensor store.
+"""
+from __future__ import annotations
+import collections.abc
+import numpy
+import typing
+__all__: list[str] = ['ErrorCode', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'get_num_threads', 'set_num_threads']
+class ErrorCode:
+    """
+    Categories of core errors (see docs/FORMAT.md).
+    
+    Members:
+    
+      InvalidArgument
+    
+      NotFound
+    
+      DataLoss
+    
+      Io
+    
+      Unsupported
+    
+      FailedPrecondition
+    """
+    DataLoss: typing.ClassVar[ErrorCode]
+    FailedPrecondition: typing.ClassVar[ErrorCode]
+    InvalidArgument: typing.ClassVar[ErrorCode]
+    Io: typing.ClassVar[ErrorCode]
+    NotFound: typing.ClassVar[ErrorCode]
+    Unsupported: typing.ClassVar[ErrorCode]
+    __members__: typing.ClassVar[dict[str, ErrorCode]]
+    @typing.overload
+    def __eq__(self, other: ErrorCode) -> bool:
+        ...
+    @typing.overload
+    def __eq__(self, other: typing.Any) -> bool:
+        ...
+    def __getstate__(self) -> int:
+        ...
+    def __hash__(self) -> int:
+        ...
+    def __index__(self) -> int:
+        ...
+    def __init__(self, value: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __int__(self) -> int:
+        ...
+    @typing.overload
+    def __ne__(self, other: ErrorCode) -> bool:
+        ...
+    @typing.overload
+    def __ne__(self, other: typing.Any) -> bool:
+        ...
+    def __repr__(self) -> str:
+        ...
+    def __setstate__(self, state: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __str__(self) -> str:
+        ...
+    @property
+    def name(self) -> str:
+        ...
+    @property
+    def value(self) -> int:
+        ...
+class Stats:
+    """
+    Statistics of one tensor (or of several merged), from one fused pass.
+    
+    Moments, ``min`` and ``max`` cover finite elements only; NaN and +/-Inf are counted
+    separately. Everything is accumulated in double precision. Records merge exactly with
+    :meth:`merge` (Chan's parallel update), across chunks, steps or ranks.
+    """
+    def __init__(self) -> None:
+        """
+        An empty record (identity for :meth:`merge`).
+        """
+    def __repr__(self) -> str:
+        ...
+    def merge(self, other: Stats) -> Stats:
+        """
+        Returns the statistics of the union of both records' elements.
+        
+        Args:
+            other: Statistics of a disjoint set of elements.
+        
+        Returns:
+            A new Stats; neither input changes.
+        
+        Raises:
+            InvalidArgumentError: When both have histograms with different bins or ranges.
+        
+        Example:
+            >>> a = tv.compute_stats(x[:100]); b = tv.compute_stats(x[100:])
+            >>> a.merge(b).mean  # == tv.compute_stats(x).mean
+        """
+    def to_dict(self) -> dict:
+        """
+        Returns the statistics as a plain dict of Python numbers (and lists for histograms).
+        
+        Returns:
+            dict with numel, nan, posinf, neginf, zeros, min, max, mean, var, std, sum, l1, l2,
+            abs_max, finite, and hist/hist_edges/hist_below/hist_above/exp_hist when present.
+        """
+    @property
+    def abs_max(self) -> float:
+        """
+        Largest |x| over finite elements.
+        """
+    @property
+    def exp_hist(self) -> typing.Any:
+        """
+        Exponent histogram (numpy uint64, 256 entries) or None: entry k counts finite non-zero x with floor(log2|x|) == k - 127, clamped to [0, 255].
+        """
+    @property
+    def finite(self) -> int:
+        """
+        Number of finite elements.
+        """
+    @property
+    def hist(self) -> typing.Any:
+        """
+        Fixed-bin histogram counts (numpy uint64, ``bins`` entries) or None.
+        """
+    @property
+    def hist_above(self) -> int:
+        """
+        Finite elements above the histogram range.
+        """
+    @property
+    def hist_below(self) -> int:
+        """
+        Finite elements below the histogram range.
+        """
+    @property
+    def hist_edges(self) -> typing.Any:
+        """
+        The ``bins + 1`` bin edges (numpy float64, as numpy.histogram) or None.
+        """
+    @property
+    def l1(self) -> float:
+        """
+        L1 norm (sum of |x|) of finite elements.
+        """
+    @property
+    def l2(self) -> float:
+        """
+        L2 norm of the finite elements.
+        """
+    @property
+    def m2(self) -> float:
+        """
+        Sum of squared deviations from the mean (finite elements).
+        """
+    @property
+    def max(self) -> float:
+        """
+        Largest finite element (NaN when there is none).
+        """
+    @property
+    def mean(self) -> float:
+        """
+        Mean of the finite elements (0 when none).
+        """
+    @property
+    def min(self) -> float:
+        """
+        Smallest finite element (NaN when there is none).
+        """
+    @property
+    def nan(self) -> int:
+        """
+        Number of NaN elements.
+        """
+    @property
+    def neginf(self) -> int:
+        """
+        Number of -Inf elements.
+        """
+    @property
+    def numel(self) -> int:
+        """
+        Number of elements, NaN/Inf included.
+        """
+    @property
+    def posinf(self) -> int:
+        """
+        Number of +Inf elements.
+        """
+    @property
+    def std(self) -> float:
+        """
+        Population standard deviation.
+        """
+    @property
+    def sum(self) -> float:
+        """
+        Sum of the finite elements.
+        """
+    @property
+    def var(self) -> float:
+        """
+        Population variance (ddof=0) of the finite elements; NaN when none.
+        """
+    @property
+    def zeros(self) -> int:
+        """
+        Number of elements equal to zero (either sign).
+        """
+class StreamWriter:
+    """
+    Append-only writer of one rank's stream of shard files.
+    
+    Statistics, compression and file I/O run on the writer's threads; ``write`` only copies the
+    array (with the GIL released) and returns.
+    
+    Args:
+        run_dir: Run directory (created if missing).
+        rank: Rank whose stream this writer owns; one live writer per rank (file lock).
+        codec: Default codec for floating-point tensors: "shuffle-zstd" (default), "zstd" or "raw".
+        level: zstd level (negative is faster, larger).
+        chunk_size: Raw bytes per independently compressed chunk.
+        max_pending_bytes: Bound on memory held by writes not yet on disk.
+        policy: "block" (wait for space, lose nothing) or "skip" (drop the payload, keep statistics).
+        roll_bytes: Start a new shard after a step commit once the shard is this large.
+        roll_seconds: ... or once it is this old.
+        threads: Encoder threads.
+        fsync: fsync shards when sealed and on close.
+    """
+    def __init__(self, run_dir: str, rank: typing.SupportsInt | typing.SupportsIndex = 0, codec: str = 'shuffle-zstd', level: typing.SupportsInt | typing.SupportsIndex = 1, chunk_size: typing.SupportsInt | typing.SupportsIndex = 1048576, max_pending_bytes: typing.SupportsInt | typing.SupportsIndex = 536870912, policy: str = 'block', roll_bytes: typing.SupportsInt | typing.SupportsIndex = 268435456, roll_seconds: typing.SupportsFloat | typing.SupportsIndex = 30.0, threads: typing.SupportsInt | typing.SupportsIndex = 2, fsync: bool = True) -> None:
+        ...
+    def close(self) -> None:
+        """
+        Flushes, seals the last shard, releases the lock. Idempotent.
+        """
+    def commit(self, step: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex = 0, mode_step: typing.SupportsInt | typing.SupportsIndex | None = None) -> None:
+        """
+        Marks ``step`` complete; readers see its tensors once this is on disk.
+        """
+    def counters(self) -> dict:
+        """
+        Counters: tensors, commits, dropped, raw/stored/file bytes, shards, pending bytes.
+        """
+    def flush(self, sync: bool = False) -> None:
+        """
+        Waits until everything submitted is written (and fsynced when ``sync``).
+        """
+    def write(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, array: numpy.ndarray, mode: typing.SupportsInt | typing.SupportsIndex = 0, mode_step: typing.SupportsInt | typing.SupportsIndex | None = None, stats_only: bool = False, hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex] | None = None, exp_hist: bool = False, codec: str | None = None, dtype: str = '') -> None:
+        """
+        Enqueues one C-contiguous array as tensor ``name`` of ``step``.
+        
+        The array is copied before the call returns (unless ``stats_only``), so the caller may reuse
+        it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 view).
+        """
+    @property
+    def closed(self) -> bool:
+        ...
+    @property
+    def path(self) -> str:
+        ...
+class Record:
+    """
+    Metadata and statistics of one stored tensor.
+    """
+    @property
+    def codec(self) -> str:
+        ...
+    @property
+    def dropped(self) -> bool:
+        ...
+    @property
+    def dtype(self) -> str:
+        ...
+    @property
+    def has_value(self) -> bool:
+        ...
+    @property
+    def mode(self) -> int:
+        ...
+    @property
+    def mode_step(self) -> int:
+        ...
+    @property
+    def nbytes(self) -> int:
+        ...
+    @property
+    def rank(self) -> int:
+        ...
+    @property
+    def shape(self) -> tuple:
+        ...
+    @property
+    def stats(self) -> Stats:
+        ...
+    @property
+    def step(self) -> int:
+        ...
+    @property
+    def stored_nbytes(self) -> int:
+        ...
+    @property
+    def wall_time(self) -> float:
+        ...
+class RunReader:
+    """
+    Reader of a run directory (all ranks). Sees committed steps only; ``refresh`` picks up what
+    writers appended since. ``strict=False`` lists corruption in ``problems`` instead of raising.
+    """
+    def __init__(self, run_dir: str, strict: bool = True) -> None:
+        ...
+    def commits(self) -> dict:
+        """
+        Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors.
+        """
+    def ended(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def name_id(self, arg0: str) -> int:
+        ...
+    def names(self) -> list[str]:
+        ...
+    def num_records(self) -> int:
+        ...
+    def ranks(self) -> list[int]:
+        ...
+    def read(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 2) -> numpy.ndarray:
+        """
+        Decodes the values of (name, step, rank) into a new numpy array.
+        """
+    def record(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
+        """
+        The Record of (name, step, rank), or None.
+        """
+    def refresh(self) -> int:
+        """
+        Reads what was appended; returns the number of newly committed steps.
+        """
+    def stats_columns(self, name_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], ranks: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], step_min: typing.SupportsInt | typing.SupportsIndex | None = None, step_max: typing.SupportsInt | typing.SupportsIndex | None = None, mode: typing.SupportsInt | typing.SupportsIndex = -1) -> dict:
+        """
+        Statistics of the selected records as numpy columns (one row per record).
+        """
+    def writer_alive(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    @property
+    def problems(self) -> list[str]:
+        ...
+def _raise_error(code: typing.SupportsInt | typing.SupportsIndex, message: str) -> None:
+    """
+    Raises the Python exception of a core error code (tests the translator).
+    """
+def compute_stats(arr: typing.Any, hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: typing.Any = None, exp_hist: bool = False, dtype: typing.Any = None, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> Stats:
+    """
+    Statistics of a C-contiguous numpy array in one fused pass (GIL released).
+    
+    Args:
+        arr: C-contiguous numpy array of a supported dtype.
+        hist_bins: Fixed-bin histogram size (0: none, at most 4096).
+        hist_range: (lo, hi) of the histogram; None: [min, max] of the finite values.
+        exp_hist: Also fill the exponent (log2) histogram.
+        dtype: Reinterpret the elements as this dtype name (same item size), e.g. "bfloat16"
+            for a torch bfloat16 tensor viewed as int16.
+        num_threads: 0: the library default (get_num_threads()), 1: the calling thread only.
+    
+    Returns:
+        Stats.
+    
+    Raises:
+        InvalidArgumentError: Unsupported dtype, non-contiguous array, bad histogram options.
+    """
+def compute_stats_many(arrs: collections.abc.Sequence, hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: typing.Any = None, exp_hist: bool = False, dtypes: typing.Any = None, num_threads: typing.SupportsInt | typing.SupportsIndex = 0) -> list[Stats]:
+    """
+    Statistics of many numpy arrays; threads work across and within arrays (GIL released).
+    
+    Args:
+        arrs: Sequence of C-contiguous numpy arrays.
+        hist_bins: Fixed-bin histogram size for every array (0: none).
+        hist_range: (lo, hi) shared by every array; None: each array's own [min, max].
+        exp_hist: Also fill the exponent histograms.
+        dtypes: None, or one dtype override (or None) per array.
+        num_threads: 0: the library default, 1: the calling thread only.
+    
+    Returns:
+        list[Stats] in the order of ``arrs``.
+    """
+def cuda_available() -> bool:
+    """
+    True when the CUDA backend was built and a CUDA device is visible.
+    """
+def cuda_built() -> bool:
+    """
+    True when tensorvigil was built with TV_ENABLE_CUDA=ON.
+    """
+def get_num_threads() -> int:
+    """
+    Default number of threads of the reductions (initially min(hardware threads, 8)).
+    """
+def set_num_threads(n: typing.SupportsInt | typing.SupportsIndex) -> None:
+    """
+    Sets the default number of threads of the reductions.
+    
+    Args:
+        n: Threads to use (the caller included); 0 restores the default.
+    """
+__version__: str = '0.1.0'
