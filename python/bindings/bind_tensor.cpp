@@ -6,8 +6,24 @@
 namespace tensorvigil::py_bind {
 
 DType dtype_from_numpy(const py::dtype& dt) {
+  // Builtin numeric types by kind and size (cheap struct reads); others (ml_dtypes) by name.
+  const char kind = dt.kind();
+  const py::ssize_t size = dt.itemsize();
+  if (kind == 'f') {
+    if (size == 8) return DType::kFloat64;
+    if (size == 4) return DType::kFloat32;
+    if (size == 2) return DType::kFloat16;
+  } else if (kind == 'i') {
+    if (size == 1) return DType::kInt8;
+    if (size == 2) return DType::kInt16;
+    if (size == 4) return DType::kInt32;
+    if (size == 8) return DType::kInt64;
+  } else if (kind == 'u' && size == 1) {
+    return DType::kUInt8;
+  } else if (kind == 'b' && size == 1) {
+    return DType::kBool;
+  }
   std::string name = py::str(dt.attr("name"));
-  char kind = dt.kind();
   if (kind == 'f' || kind == 'i' || kind == 'u' || kind == 'b' || kind == 'V') {
     if (name == "float64") return DType::kFloat64;
     if (name == "float32") return DType::kFloat32;

@@ -140,9 +140,8 @@ inline void count_indices(const int32_t* idx, std::size_t n, uint32_t* table, in
 
 #if TV_X86
 // ---------------------------------------------------------------------------------------------
-// AVX2 float32 kernels. Short runs accumulate in float lanes (16 elements per partial sum),
-// then fold into double lanes; the caller re-runs a block in double when float overflowed or
-// underflowed.
+// AVX2 kernels for float32, float16 and bfloat16. Elements are classified and min/max taken in
+// float lanes (exact); every sum (deviations, squares, |x|) accumulates in double lanes.
 
 TV_AVX2 inline __m256d cvt_lo(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
 TV_AVX2 inline __m256d cvt_hi(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
@@ -195,6 +194,15 @@ struct Elem<Src::kF32> {
     a = load(p);
     b = load(p + 8);
   }
+  // 16 elements as two float vectors and, widened exactly, four double vectors.
+  TV_AVX2 static void widen16(const float* p, __m256& x0, __m256& x1, __m256d& a0, __m256d& a1,
+                              __m256d& a2, __m256d& a3) {
+    load2(p, x0, x1);
+    a0 = _mm256_cvtps_pd(_mm_loadu_ps(p));  // from memory: no lane extracts
+    a1 = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+    a2 = _mm256_cvtps_pd(_mm_loadu_ps(p + 8));
+    a3 = _mm256_cvtps_pd(_mm_loadu_ps(p + 12));
+  }
   static float scalar(float v) { return v; }
 };
 template <>
@@ -207,6 +215,8 @@ struct Elem<Src::kF16> {
     a = load(p);
     b = load(p + 8);
   }
+  TV_AVX2 static void widen16(const uint16_t* p, __m256& x0, __m256& x1, __m256d& a0,
+                              __m256d& a1, __m256d& a2, __m256d& a3);
   static float scalar(uint16_t v) { return half_to_float(v); }
 };
 template <>
@@ -223,46 +233,69 @@ struct Elem<Src::kBF16> {
     a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));
     b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));
   }
+  TV_AVX2 static void widen16(const uint16_t* p, __m256& x0, __m256& x1, __m256d& a0,
+                              __m256d& a1, __m256d& a2, __m256d& a3);
   static float scalar(uint16_t v) { return bf16_to_float(v); }
 };
+// 16-bit sources: widen in registers (the float vectors are needed anyway).
+TV_AVX2 inline void widen_regs(__m256 x0, __m256 x1, __m256d& a0, __m256d& a1, __m256d& a2,
+                               __m256d& a3) {
+  a0 = cvt_lo(x0);
+  a1 = cvt_hi(x0);
+  a2 = cvt_lo(x1);
+  a3 = cvt_hi(x1);
+}
+TV_AVX2 inline void Elem<Src::kF16>::widen16(const uint16_t* p, __m256& x0, __m256& x1,
+                                             __m256d& a0, __m256d& a1, __m256d& a2,
+                                             __m256d& a3) {
+  load2(p, x0, x1);
+  widen_regs(x0, x1, a0, a1, a2, a3);
+}
+TV_AVX2 inline void Elem<Src::kBF16>::widen16(const uint16_t* p, __m256& x0, __m256& x1,
+                                              __m256d& a0, __m256d& a1, __m256d& a2,
+                                              __m256d& a3) {
+  load2(p, x0, x1);
+  widen_regs(x0, x1, a0, a1, a2, a3);
+}
 
-// Fast path over n (multiple of 128) elements, assumed finite. A NaN/Inf anywhere makes the
-// |x| sum non-finite, and then the caller re-runs the block with the masked kernel (so does a
-// float overflow of that sum, harmlessly). Written so every accumulator stays in one of the 16
-// ymm registers: two vectors per step share a chain, and max|x| = max(-min, max).
+// Fast path over n (multiple of 16) elements, assumed finite. A NaN/Inf anywhere makes the
+// |x| sum non-finite, and then the caller re-runs the block with the masked kernel.
+// Classification (zeros), min and max are exact in float lanes. Every sum is taken in double
+// lanes: each element is widened (exactly) to double before the shift K (a float, so x - K is
+// exact in double for all but extreme exponent spreads), the square and the |x| are summed, so
+// the block sums carry double rounding only (~1e-16 per addition). A float product d * d never
+// appears, so nothing can overflow or underflow for finite float inputs.
 template <Src S>
-TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256 kv = _mm256_set1_ps(K);
+TV_AVX2 __attribute__((noinline)) bool f32_fast(const typename Elem<S>::T* x, std::size_t n,
+                                                float K, BlockSums& b) {
+  const __m256 fzero = _mm256_setzero_ps();
+  const __m256d kv = _mm256_set1_pd(static_cast<double>(K));
+  const __m256d absd = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
   __m256 mn = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256i zc = zero;
-  __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
-  for (std::size_t i = 0; i < n; i += 128) {
-    __m256 s1 = _mm256_setzero_ps(), s2 = s1, s2b = s1, sa = s1;
-#pragma GCC unroll 2
-    for (std::size_t j = i; j < i + 128; j += 16) {
-      __m256 x0, x1;
-      Elem<S>::load2(x + j, x0, x1);
-      const __m256i i0 = _mm256_and_si256(_mm256_castps_si256(x0), absmask);
-      const __m256i i1 = _mm256_and_si256(_mm256_castps_si256(x1), absmask);
-      zc = _mm256_sub_epi32(
-          zc, _mm256_add_epi32(_mm256_cmpeq_epi32(i0, zero), _mm256_cmpeq_epi32(i1, zero)));
-      mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
-      mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
-      const __m256 d0 = _mm256_sub_ps(x0, kv), d1 = _mm256_sub_ps(x1, kv);
-      s1 = _mm256_add_ps(s1, _mm256_add_ps(d0, d1));
-      s2 = _mm256_fmadd_ps(d0, d0, s2);
-      s2b = _mm256_fmadd_ps(d1, d1, s2b);
-      sa = _mm256_add_ps(sa, _mm256_add_ps(_mm256_castsi256_ps(i0), _mm256_castsi256_ps(i1)));
-    }
-    s2 = _mm256_add_ps(s2, s2b);
-    D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(s1), cvt_hi(s1)));
-    D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
-    DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
+  __m256i zc = _mm256_setzero_si256();
+  __m256d S1 = _mm256_setzero_pd(), S2a = S1, S2b = S1, SA = S1;
+  for (std::size_t j = 0; j < n; j += 16) {
+    __m256 x0, x1;
+    __m256d a0, a1, a2, a3;
+    Elem<S>::widen16(x + j, x0, x1, a0, a1, a2, a3);
+    // x == 0 is true for both signed zeros (NaN lanes never reach this result).
+    const __m256i z0 = _mm256_castps_si256(_mm256_cmp_ps(x0, fzero, _CMP_EQ_OQ));
+    const __m256i z1 = _mm256_castps_si256(_mm256_cmp_ps(x1, fzero, _CMP_EQ_OQ));
+    zc = _mm256_sub_epi32(zc, _mm256_add_epi32(z0, z1));
+    mn = _mm256_min_ps(mn, _mm256_min_ps(x0, x1));
+    mx = _mm256_max_ps(mx, _mm256_max_ps(x0, x1));
+    const __m256d d0 = _mm256_sub_pd(a0, kv), d1 = _mm256_sub_pd(a1, kv);
+    const __m256d d2 = _mm256_sub_pd(a2, kv), d3 = _mm256_sub_pd(a3, kv);
+    // Add trees feed one add per accumulator and step; the squares go to two FMA chains.
+    S1 = _mm256_add_pd(S1, _mm256_add_pd(_mm256_add_pd(d0, d1), _mm256_add_pd(d2, d3)));
+    S2a = _mm256_fmadd_pd(d1, d1, _mm256_fmadd_pd(d0, d0, S2a));
+    S2b = _mm256_fmadd_pd(d3, d3, _mm256_fmadd_pd(d2, d2, S2b));
+    const __m256d q01 = _mm256_add_pd(_mm256_and_pd(a0, absd), _mm256_and_pd(a1, absd));
+    const __m256d q23 = _mm256_add_pd(_mm256_and_pd(a2, absd), _mm256_and_pd(a3, absd));
+    SA = _mm256_add_pd(SA, _mm256_add_pd(q01, q23));
   }
-  const double asum = hsum_pd(DA);
+  const double asum = hsum_pd(SA);
   if (!std::isfinite(asum)) return false;
   const double lo = hmin_ps(mn), hi = hmax_ps(mx);
   b.nfin += n;
@@ -270,15 +303,15 @@ TV_AVX2 bool f32_fast(const typename Elem<S>::T* x, std::size_t n, float K, Bloc
   b.min = std::min(b.min, lo);
   b.max = std::max(b.max, hi);
   b.amax = std::max(b.amax, std::max(-lo, hi));
-  b.s1 += hsum_pd(D1);
-  b.s2 += hsum_pd(D2);
+  b.s1 += hsum_pd(S1);
+  b.s2 += hsum_pd(_mm256_add_pd(S2a, S2b));
   b.asum += asum;
   return true;
 }
 
-// Masked path for blocks holding NaN/Inf and for the sub-128 rest of a block (n a multiple of
-// 8). Off the hot path, so the sum of x is taken in double lanes: small tensors get a mean that
-// is as exact as a float64 reference.
+// Masked path for blocks holding NaN/Inf, for the rest of a block below 16 elements and for
+// small tensors (n a multiple of 8). Non-finite lanes are replaced by K before the widening, so
+// their deviation is exactly 0; sums in double lanes as in f32_fast.
 template <Src S>
 TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
   const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
@@ -287,36 +320,32 @@ TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, Bl
   const __m256i zero = _mm256_setzero_si256();
   const __m256 pinf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256 kv = _mm256_set1_ps(K);
+  const __m256 kf = _mm256_set1_ps(K);
+  const __m256d kv = _mm256_set1_pd(static_cast<double>(K));
   __m256 mn = pinf, mx = ninf;
   __m256i amax = zero, zc = zero, cf = zero, cn = zero, ci = zero, cni = zero;
-  __m256d D1 = _mm256_setzero_pd(), D2 = D1, DA = D1;
-  for (std::size_t i = 0; i < n;) {
-    __m256 s2 = _mm256_setzero_ps(), sa = s2;
-    const std::size_t end = std::min(n, i + 64);
-    for (; i < end; i += 8) {
-      const __m256 v = Elem<S>::load(x + i);
-      const __m256i bits = _mm256_castps_si256(v);
-      const __m256i ab = _mm256_and_si256(bits, absmask);
-      const __m256i fin = _mm256_cmpgt_epi32(infb, ab);
-      cf = _mm256_sub_epi32(cf, fin);
-      cn = _mm256_sub_epi32(cn, _mm256_cmpgt_epi32(ab, infb));
-      ci = _mm256_sub_epi32(ci, _mm256_cmpeq_epi32(ab, infb));
-      cni = _mm256_sub_epi32(cni, _mm256_cmpeq_epi32(bits, ninfb));
-      zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(ab, zero));
-      const __m256 finps = _mm256_castsi256_ps(fin);
-      mn = _mm256_min_ps(mn, _mm256_blendv_ps(pinf, v, finps));
-      mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, v, finps));
-      const __m256i abf = _mm256_and_si256(ab, fin);
-      amax = _mm256_max_epu32(amax, abf);
-      const __m256 xf = _mm256_and_ps(v, finps);
-      D1 = _mm256_add_pd(D1, _mm256_add_pd(cvt_lo(xf), cvt_hi(xf)));
-      const __m256 d = _mm256_and_ps(_mm256_sub_ps(v, kv), finps);
-      s2 = _mm256_fmadd_ps(d, d, s2);
-      sa = _mm256_add_ps(sa, _mm256_castsi256_ps(abf));
-    }
-    D2 = _mm256_add_pd(D2, _mm256_add_pd(cvt_lo(s2), cvt_hi(s2)));
-    DA = _mm256_add_pd(DA, _mm256_add_pd(cvt_lo(sa), cvt_hi(sa)));
+  __m256d S1 = _mm256_setzero_pd(), S2 = S1, SA = S1;
+  for (std::size_t i = 0; i < n; i += 8) {
+    const __m256 v = Elem<S>::load(x + i);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i ab = _mm256_and_si256(bits, absmask);
+    const __m256i fin = _mm256_cmpgt_epi32(infb, ab);
+    cf = _mm256_sub_epi32(cf, fin);
+    cn = _mm256_sub_epi32(cn, _mm256_cmpgt_epi32(ab, infb));
+    ci = _mm256_sub_epi32(ci, _mm256_cmpeq_epi32(ab, infb));
+    cni = _mm256_sub_epi32(cni, _mm256_cmpeq_epi32(bits, ninfb));
+    zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(ab, zero));
+    const __m256 finps = _mm256_castsi256_ps(fin);
+    mn = _mm256_min_ps(mn, _mm256_blendv_ps(pinf, v, finps));
+    mx = _mm256_max_ps(mx, _mm256_blendv_ps(ninf, v, finps));
+    const __m256i abf = _mm256_and_si256(ab, fin);
+    amax = _mm256_max_epu32(amax, abf);
+    const __m256 xf = _mm256_blendv_ps(kf, v, finps);
+    const __m256d d0 = _mm256_sub_pd(cvt_lo(xf), kv), d1 = _mm256_sub_pd(cvt_hi(xf), kv);
+    S1 = _mm256_add_pd(S1, _mm256_add_pd(d0, d1));
+    S2 = _mm256_add_pd(S2, _mm256_fmadd_pd(d1, d1, _mm256_mul_pd(d0, d0)));
+    const __m256 af = _mm256_castsi256_ps(abf);
+    SA = _mm256_add_pd(SA, _mm256_add_pd(cvt_lo(af), cvt_hi(af)));
   }
   const uint64_t nfin = hsum_epi32(cf), ninf_all = hsum_epi32(ci), nneg = hsum_epi32(cni);
   b.nfin += nfin;
@@ -328,15 +357,15 @@ TV_AVX2 void f32_masked(const typename Elem<S>::T* x, std::size_t n, float K, Bl
     b.min = std::min(b.min, static_cast<double>(hmin_ps(mn)));
     b.max = std::max(b.max, static_cast<double>(hmax_ps(mx)));
     b.amax = std::max(b.amax, static_cast<double>(bits_to_float(hmax_epu32(amax))));
-    b.s1 += hsum_pd(D1) - static_cast<double>(nfin) * static_cast<double>(K);
-    b.s2 += hsum_pd(D2);
-    b.asum += hsum_pd(DA);
+    b.s1 += hsum_pd(S1);
+    b.s2 += hsum_pd(S2);
+    b.asum += hsum_pd(SA);
   }
 }
 
 template <Src S>
 TV_AVX2 void block_f32_avx2(const typename Elem<S>::T* x, std::size_t n, float K, BlockSums& b) {
-  const std::size_t nf = n & ~static_cast<std::size_t>(127);
+  const std::size_t nf = n & ~static_cast<std::size_t>(15);
   if (nf && !f32_fast<S>(x, nf, K, b)) f32_masked<S>(x, nf, K, b);
   const std::size_t nm = n & ~static_cast<std::size_t>(7);
   if (nm > nf) f32_masked<S>(x + nf, nm - nf, K, b);
@@ -769,8 +798,10 @@ void moments_f64(const double* x, std::size_t n, ChunkState& st, bool avx2) {
 }
 
 #if TV_X86
-// Float lanes; falls back to double lanes when a float partial sum overflowed, underflowed or
-// lost too many digits to the shift.
+// Float32/16/bf16 blocks: float-lane classification, double-lane sums. The shift is the
+// previous block's mean rounded to float (the first finite element for the first block), so
+// x - K is exact in double; a block whose sums lost more than ~3 digits to a poor shift is
+// re-run with its own mean (rare: the first block of data with |mean| >> std).
 template <Src S>
 TV_AVX2 void moments_f32(const typename Elem<S>::T* x, std::size_t n, ChunkState& st,
                          double* dbuf) {
@@ -789,20 +820,23 @@ TV_AVX2 void moments_f32(const typename Elem<S>::T* x, std::size_t n, ChunkState
   BlockSums b;
   block_f32_avx2<S>(x, n, K, b);
   if (!b.nfin) return st.fold(b, K);
-  const double nb = static_cast<double>(b.nfin);
-  const bool bad = !std::isfinite(b.s1) || !std::isfinite(b.s2) || !std::isfinite(b.asum) ||
-                   (b.s2 < nb * 0x1p-110 && b.min != b.max);
-  if (bad) {
+  if (!std::isfinite(b.s1) || !std::isfinite(b.s2) || !std::isfinite(b.asum)) {
+    // Cannot happen for finite float inputs (|x - K|^2 * 4096 < 1e78); kept as a safety net.
     for (std::size_t i = 0; i < n; ++i) dbuf[i] = static_cast<double>(Elem<S>::scalar(x[i]));
     return moments_f64(dbuf, n, st, true);
   }
-  const double m2b = b.s2 - b.s1 * (b.s1 / nb);
-  if (b.min != b.max && m2b * 4.0 < b.s2) {
-    const double mb = static_cast<double>(K) + b.s1 / nb;
-    const float K2 = static_cast<float>(mb);
-    BlockSums b2;
-    block_f32_avx2<S>(x, n, K2, b2);
-    return st.fold(b2, K2);
+  if (b.min != b.max) {
+    const double nb = static_cast<double>(b.nfin);
+    const double m2b = b.s2 - b.s1 * (b.s1 / nb);
+    if (m2b * 1e3 < b.s2) {
+      const double mb = static_cast<double>(K) + b.s1 / nb;
+      const float K2 = static_cast<float>(mb);
+      if (K2 != K && std::isfinite(K2)) {
+        BlockSums b2;
+        block_f32_avx2<S>(x, n, K2, b2);
+        return st.fold(b2, K2);
+      }
+    }
   }
   st.fold(b, K);
 }

@@ -295,30 +295,21 @@ std::vector<uint8_t> encode_index_meta(const std::vector<IndexEntry>& entries) {
   return std::move(w.bytes());
 }
 
+namespace internal_format {
+void index_error(const std::string& where, const std::string& what) {
+  throw_error(ErrorCode::kDataLoss, "[" + where + "] " + what);
+}
+bool check_meta_crc(const uint8_t* meta, uint32_t len, uint32_t crc) {
+  return crc32c(meta, len) == crc;
+}
+}  // namespace internal_format
+
 std::vector<IndexEntry> decode_index_meta(const uint8_t* p, std::size_t n,
                                           const std::string& where) {
-  ByteReader r(p, n, where);
-  uint32_t count = r.get<uint32_t>();
-  // Each entry takes at least 8 + 32 bytes: bound the count before reserving.
-  if (count > r.remaining() / (8 + kFrameHeaderSize))
-    throw_error(ErrorCode::kDataLoss, "[" + where + "] index entry count exceeds its size");
   std::vector<IndexEntry> out;
-  out.reserve(count);
-  for (uint32_t i = 0; i < count; ++i) {
-    IndexEntry e;
-    e.offset = r.get<uint64_t>();
-    if (!decode_frame_header(r.take(kFrameHeaderSize), &e.header))
-      throw_error(ErrorCode::kDataLoss, "[" + where + "] bad frame header in index entry " +
-                                            std::to_string(i));
-    const uint8_t* meta = r.take(e.header.meta_len);
-    if (crc32c(meta, e.header.meta_len) != e.header.meta_crc)
-      throw_error(ErrorCode::kDataLoss, "[" + where + "] meta checksum mismatch in index entry " +
-                                            std::to_string(i));
-    e.meta.assign(meta, meta + e.header.meta_len);
-    out.push_back(std::move(e));
-  }
-  if (r.remaining() != 0)
-    throw_error(ErrorCode::kDataLoss, "[" + where + "] trailing bytes in index");
+  for_each_index_entry(p, n, where, [&](uint64_t offset, const FrameHeader& h, const uint8_t* meta) {
+    out.push_back(IndexEntry{offset, h, std::vector<uint8_t>(meta, meta + h.meta_len)});
+  });
   return out;
 }
 

@@ -195,14 +195,15 @@ struct RunReader::Impl {
     if (!pread_full(fd, meta.data(), meta.size(), ioff + kFrameHeaderSize, path))
       corrupt("[" + where + "] index is truncated");
     if (crc32c(meta.data(), meta.size()) != h.meta_crc) corrupt("[" + where + "] index checksum mismatch");
-    std::vector<IndexEntry> entries = decode_index_meta(meta.data(), meta.size(), where);
-    if (entries.size() != nframes) corrupt("[" + where + "] index count does not match footer");
     uint64_t expect = kShardHeaderSize;
-    for (const auto& e : entries) {
-      if (e.offset != expect) corrupt("[" + where + "] index entries leave a hole or overlap");
-      expect = e.offset + e.header.total();
-      apply(st, sh, e.header, e.meta.data(), e.offset, new_steps);
-    }
+    uint32_t count = for_each_index_entry(
+        meta.data(), meta.size(), where,
+        [&](uint64_t offset, const FrameHeader& h, const uint8_t* m) {
+          if (offset != expect) corrupt("[" + where + "] index entries leave a hole or overlap");
+          expect = offset + h.total();
+          apply(st, sh, h, m, offset, new_steps);
+        });
+    if (count != nframes) corrupt("[" + where + "] index count does not match footer");
     if (expect != ioff) corrupt("[" + where + "] index does not cover the shard");
     *sealed = true;
   }

@@ -4,6 +4,7 @@
 /// golden files under tests/data/format_v1 pin both. All integers are little-endian.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -123,12 +124,49 @@ std::vector<uint8_t> encode_end_meta(double wall_time, uint64_t num_commits);
 std::vector<uint8_t> encode_index_meta(const std::vector<IndexEntry>& entries);
 std::vector<IndexEntry> decode_index_meta(const uint8_t* p, std::size_t n,
                                           const std::string& where);
+/// Validates an index meta and calls `fn(offset, header, meta_ptr)` per entry without copying
+/// (`meta_ptr` points into [p, p + n)). Returns the entry count. DataLoss on any inconsistency;
+/// entries before the bad one may already have been passed to `fn`.
+template <typename Fn>
+uint32_t for_each_index_entry(const uint8_t* p, std::size_t n, const std::string& where, Fn&& fn);
 
 void encode_footer(uint8_t out[kFooterSize], uint64_t index_offset, uint64_t index_len,
                    uint32_t num_frames);
 /// Returns false when the 32 bytes are not a valid footer.
 bool decode_footer(const uint8_t in[kFooterSize], uint64_t* index_offset, uint64_t* index_len,
                    uint32_t* num_frames);
+
+namespace internal_format {
+[[noreturn]] void index_error(const std::string& where, const std::string& what);
+bool check_meta_crc(const uint8_t* meta, uint32_t len, uint32_t crc);
+}  // namespace internal_format
+
+template <typename Fn>
+uint32_t for_each_index_entry(const uint8_t* p, std::size_t n, const std::string& where, Fn&& fn) {
+  constexpr std::size_t kMinEntry = 8 + kFrameHeaderSize;
+  if (n < 4) internal_format::index_error(where, "index is truncated");
+  uint32_t count;
+  std::memcpy(&count, p, 4);
+  // Each entry takes at least 8 + 32 bytes: bound the count before using it.
+  if (count > (n - 4) / kMinEntry) internal_format::index_error(where, "index entry count exceeds its size");
+  std::size_t pos = 4;
+  for (uint32_t i = 0; i < count; ++i) {
+    if (n - pos < kMinEntry) internal_format::index_error(where, "index is truncated");
+    uint64_t offset;
+    std::memcpy(&offset, p + pos, 8);
+    FrameHeader h;
+    if (!decode_frame_header(p + pos + 8, &h))
+      internal_format::index_error(where, "bad frame header in index entry " + std::to_string(i));
+    pos += kMinEntry;
+    if (n - pos < h.meta_len) internal_format::index_error(where, "index is truncated");
+    if (!internal_format::check_meta_crc(p + pos, h.meta_len, h.meta_crc))
+      internal_format::index_error(where, "meta checksum mismatch in index entry " + std::to_string(i));
+    fn(offset, h, p + pos);
+    pos += h.meta_len;
+  }
+  if (pos != n) internal_format::index_error(where, "trailing bytes in index");
+  return count;
+}
 
 /// File name of shard `seq`: "shard-00000042.tvs".
 std::string shard_file_name(uint32_t seq);
