@@ -147,40 +147,53 @@ std::size_t unshuffle_simd_prefix(const uint8_t* in, uint8_t* out, std::size_t c
 }
 }  // namespace
 
-void byte_shuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
-  if (elem <= 1) {
-    std::memcpy(out, in, n);
-    return;
-  }
-  std::size_t count = n / elem;
+namespace {
+// One body for both directions: kShuffle moves byte b of element i to b * count + i.
+template <bool kShuffle>
+void transpose_bytes(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
+  std::size_t count = elem > 1 ? n / elem : 0;
   switch (elem) {
-    case 2: shuffle_fixed<2>(in, out, count, shuffle_simd_prefix<2>(in, out, count)); break;
-    case 4: shuffle_fixed<4>(in, out, count, shuffle_simd_prefix<4>(in, out, count)); break;
-    case 8: shuffle_fixed<8>(in, out, count); break;
+    case 0:
+    case 1:
+      break;
+    case 2:
+      if (kShuffle)
+        shuffle_fixed<2>(in, out, count, shuffle_simd_prefix<2>(in, out, count));
+      else
+        unshuffle_fixed<2>(in, out, count, unshuffle_simd_prefix<2>(in, out, count));
+      break;
+    case 4:
+      if (kShuffle)
+        shuffle_fixed<4>(in, out, count, shuffle_simd_prefix<4>(in, out, count));
+      else
+        unshuffle_fixed<4>(in, out, count, unshuffle_simd_prefix<4>(in, out, count));
+      break;
+    case 8:
+      if (kShuffle)
+        shuffle_fixed<8>(in, out, count);
+      else
+        unshuffle_fixed<8>(in, out, count);
+      break;
     default:
       for (std::size_t i = 0; i < count; ++i)
-        for (std::size_t b = 0; b < elem; ++b) out[b * count + i] = in[i * elem + b];
+        for (std::size_t b = 0; b < elem; ++b) {
+          if (kShuffle)
+            out[b * count + i] = in[i * elem + b];
+          else
+            out[i * elem + b] = in[b * count + i];
+        }
   }
-  std::size_t done = count * elem;
+  std::size_t done = count * elem;  // trailing bytes (and elem <= 1) are copied as they are
   std::memcpy(out + done, in + done, n - done);
+}
+}  // namespace
+
+void byte_shuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
+  transpose_bytes<true>(in, out, n, elem);
 }
 
 void byte_unshuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t elem) {
-  if (elem <= 1) {
-    std::memcpy(out, in, n);
-    return;
-  }
-  std::size_t count = n / elem;
-  switch (elem) {
-    case 2: unshuffle_fixed<2>(in, out, count, unshuffle_simd_prefix<2>(in, out, count)); break;
-    case 4: unshuffle_fixed<4>(in, out, count, unshuffle_simd_prefix<4>(in, out, count)); break;
-    case 8: unshuffle_fixed<8>(in, out, count); break;
-    default:
-      for (std::size_t i = 0; i < count; ++i)
-        for (std::size_t b = 0; b < elem; ++b) out[i * elem + b] = in[b * count + i];
-  }
-  std::size_t done = count * elem;
-  std::memcpy(out + done, in + done, n - done);
+  transpose_bytes<false>(in, out, n, elem);
 }
 
 std::size_t chunk_bound(Codec c, std::size_t raw_len) {
