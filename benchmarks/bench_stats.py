@@ -8,17 +8,25 @@ Prints, in one run:
   range, exponent histogram); (a) NumPy computing the same statistics op by op; (b) torch op by
   op (the smdebug-style baseline; skipped without torch). GB/s counts the input's bytes.
 
-Targets (PASS/MISS): >= 50x NumPy; >= 70% of read bandwidth without histogram; >= 25% with a
-64-bin histogram; bfloat16/float16 >= 50% of read bandwidth (bytes).
+Then (4) the per-call cost for small tensors (a training hook's biases, scalars and losses):
+tv.compute_stats on 8- and 4096-element float32 arrays, the native binding alone
+(tensorvigil._core, no Python-side conversion), and compute_stats_many on 1000 tiny arrays.
 
-Usage: python benchmarks/bench_stats.py [--quick] [--threads 2]
+Targets (PASS/MISS): >= 50x NumPy; >= 70% of read bandwidth without histogram; >= 25% with a
+64-bin histogram; bfloat16/float16 >= 50% of read bandwidth (bytes); small tensors: a
+compute_stats call on 8 elements <= 2 us, compute_stats_many of 1000 tiny arrays <= 2 ms.
+The load average is printed at the start and the end: other processes skew every number.
+
+Usage: python benchmarks/bench_stats.py [--quick] [--threads 2] [--small]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
+import timeit as _timeit
 from pathlib import Path
 
 import numpy as np
@@ -128,10 +136,71 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def load_avg() -> str:
+    try:
+        one, five, fifteen = os.getloadavg()
+        return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
+    except OSError:  # pragma: no cover
+        return "load average n/a"
+
+
+def per_call(fn, number: int, repeat: int = 7) -> float:
+    """Best seconds per call of fn over `repeat` runs of `number` calls."""
+    fn()
+    return min(_timeit.repeat(fn, number=number, repeat=repeat)) / number
+
+
+def small_tensors(threads: int) -> list[tuple[str, str, bool]]:
+    """(4) Per-call cost for tiny tensors; returns (target, measured, ok) rows."""
+    from tensorvigil import _core
+
+    print(f"(4) small tensors (float32, no histogram, default threads = {tv.get_num_threads()})")
+    x8 = np.ones(8, np.float32)
+    x4k = np.random.default_rng(1).standard_normal(4096).astype(np.float32)
+    rows = {
+        "tv.compute_stats, 8 elements": per_call(lambda: tv.compute_stats(x8), 20_000),
+        "tv.compute_stats, 4096 elements": per_call(lambda: tv.compute_stats(x4k), 20_000),
+        "_core.compute_stats (binding only), 8": per_call(
+            lambda: _core.compute_stats(x8, 0, None, False, None, 0), 20_000
+        ),
+        "_core.compute_stats (binding only), 4096": per_call(
+            lambda: _core.compute_stats(x4k, 0, None, False, None, 0), 20_000
+        ),
+        "np.add.reduce, 8 elements (reference)": per_call(lambda: np.add.reduce(x8), 20_000),
+    }
+    tiny = [np.full(1 + i % 16, i, np.float32) for i in range(1000)]
+    many = {
+        "tv.compute_stats_many, 1000 tiny": per_call(lambda: tv.compute_stats_many(tiny), 20, 5),
+        f"tv.compute_stats_many, 1000 tiny, {threads} thr": per_call(
+            lambda: tv.compute_stats_many(tiny, num_threads=threads), 20, 5
+        ),
+        "_core.compute_stats_many, 1000 tiny": per_call(
+            lambda: _core.compute_stats_many(tiny), 20, 5
+        ),
+        "1000 x tv.compute_stats, tiny": per_call(
+            lambda: [tv.compute_stats(t) for t in tiny], 5, 5
+        ),
+    }
+    for name, t in rows.items():
+        print(f"    {name:<44s} {t * 1e6:8.2f} us")
+    for name, t in many.items():
+        print(f"    {name:<44s} {t * 1e6:8.1f} us  ({t * 1e9 / 1000:6.0f} ns per tensor)")
+    print()
+    t8 = rows["tv.compute_stats, 8 elements"]
+    c8 = rows["_core.compute_stats (binding only), 8"]
+    tm = many["tv.compute_stats_many, 1000 tiny"]
+    return [
+        ("tv.compute_stats, 8 elements <= 2 us", f"{t8 * 1e6:.2f} us", t8 <= 2e-6),
+        ("_core.compute_stats, 8 elements <= 2 us", f"{c8 * 1e6:.2f} us", c8 <= 2e-6),
+        ("compute_stats_many, 1000 tiny <= 2 ms", f"{tm * 1e3:.2f} ms", tm <= 2e-3),
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="only the small-tensor section (4)")
     args = ap.parse_args()
     threads = args.threads
     quick = args.quick
@@ -142,7 +211,13 @@ def main() -> int:
 
     print("== tensorvigil fused statistics benchmark" + (" (--quick)" if quick else ""))
     print(machine_info())
-    print(f"tensorvigil threads: {threads}\n")
+    print(f"tensorvigil threads: {threads}")
+    print(f"start: {load_avg()} ({os.cpu_count()} CPUs)\n")
+    if args.small:
+        for target, got, ok in small_tensors(threads):
+            print(f"  {verdict(ok)}  {'(4) small tensors':<26s} {target:<40s} {got}")
+        print(f"end: {load_avg()}")
+        return 0
 
     try:
         import torch
@@ -220,6 +295,8 @@ def main() -> int:
         measured.append((title, kind, nbytes, rows))
         print()
 
+    small = small_tensors(threads)
+
     print(f"== targets (read bandwidth {read_bw:.1f} GB/s: the best read rate seen in this run;")
     print("   (a) = NumPy op by op with the finite filter x[np.isfinite(x)] always applied,")
     print("   (a') = NumPy without it when the data has no NaN/Inf; both are listed)")
@@ -243,6 +320,9 @@ def main() -> int:
             checks.append((">= 50% read BW (bytes), no hist", f"{100 * frac:.0f}%", frac >= 0.50))
         for target, got, ok in checks:
             print(f"  {verdict(ok)}  {short:<26s} {target:<40s} {got}")
+    for target, got, ok in small:
+        print(f"  {verdict(ok)}  {'(4) small tensors':<26s} {target:<40s} {got}")
+    print(f"end: {load_avg()}")
     return 0
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
+import numpy as np
+
 from . import _core
 from ._arrays import as_array
 from ._core import Stats
@@ -74,6 +76,14 @@ def compute_stats(
         True
 
     """
+    if (
+        type(x) is np.ndarray
+        and x.dtype.kind in "fiub"
+        and x.flags.c_contiguous
+        and hist_range is None
+    ):
+        # Fast path for the common case (hooks call this for many small tensors).
+        return _core.compute_stats(x, int(hist_bins), None, bool(exp_hist), None, int(num_threads))
     arr, override = as_array(x)
     return _core.compute_stats(
         arr,

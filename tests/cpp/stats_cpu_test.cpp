@@ -1,4 +1,6 @@
-// Fused CPU statistics against a scalar long-double reference.
+// Fused CPU statistics against a scalar long-double reference. Every float dtype accumulates in
+// double, so moments of float32/float16/bfloat16 inputs must match a float64 reference to ~1e-12
+// (kAcc below; the mean relative to |mean| + std).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -26,7 +28,7 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 
 struct Ref {
   uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0, n = 0;
-  double min = kNaN, max = kNaN, mean = 0, var = kNaN, abs_sum = 0, abs_max = 0;
+  double min = kNaN, max = kNaN, mean = 0, var = kNaN, abs_sum = 0, abs_max = 0, l2 = 0;
   std::vector<uint64_t> hist;
   uint64_t below = 0, above = 0;
   std::vector<uint64_t> exp_hist;
@@ -36,7 +38,7 @@ struct Ref {
 Ref reference(const std::vector<double>& v, int bins = 0, double lo = 0, double hi = 1) {
   Ref r;
   r.numel = v.size();
-  long double s = 0, as = 0;
+  long double s = 0, as = 0, sq = 0;
   double mn = kInf, mx = -kInf;
   r.exp_hist.assign(tv::kExpHistBuckets, 0);
   for (double x : v) {
@@ -59,6 +61,7 @@ Ref reference(const std::vector<double>& v, int bins = 0, double lo = 0, double 
     }
     s += x;
     as += std::fabs(x);
+    sq += static_cast<long double>(x) * x;
     mn = std::min(mn, x);
     mx = std::max(mx, x);
     r.abs_max = std::max(r.abs_max, std::fabs(x));
@@ -73,6 +76,7 @@ Ref reference(const std::vector<double>& v, int bins = 0, double lo = 0, double 
     r.max = mx;
   }
   r.abs_sum = static_cast<double>(as);
+  r.l2 = static_cast<double>(std::sqrt(sq));
   if (bins) {
     tv::TensorStats t;
     t.hist.assign(bins, 0);
@@ -122,7 +126,13 @@ void expect_match(const tv::TensorStats& s, const Ref& r, double rtol, const cha
   else
     EXPECT_TRUE(std::isnan(s.var()));
   EXPECT_TRUE(close(s.abs_sum, r.abs_sum, rtol)) << s.abs_sum << " vs " << r.abs_sum;
+  if (std::isfinite(r.l2)) {
+    EXPECT_TRUE(close(s.l2(), r.l2, rtol)) << s.l2() << " vs " << r.l2;
+  }
 }
+
+// Accuracy of every float dtype's moments against the float64 (long double) reference.
+constexpr double kAcc = 1e-11;
 
 uint16_t float_to_half(float f) {  // round-to-nearest-even, good enough for test data
   uint32_t x;
@@ -179,7 +189,7 @@ TEST_P(StatsCpu, Float32RandomMatchesReference) {
     auto s =
         tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(n)}), o);
     Ref r = reference(d);
-    expect_match(s, r, 1e-6, "f32");
+    expect_match(s, r, kAcc, "f32");
     EXPECT_EQ(s.exp_hist, r.exp_hist);
   }
 }
@@ -190,7 +200,7 @@ TEST_P(StatsCpu, LargeMeanSmallSpread) {
     auto v = random_floats(300000, 11, mean, 1.0);
     std::vector<double> d(v.begin(), v.end());
     auto s = tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {300000}));
-    expect_match(s, reference(d), 1e-5, "f32 large mean");
+    expect_match(s, reference(d), kAcc, "f32 large mean");
     std::vector<double> w(300000);
     std::mt19937 rng(5);
     std::normal_distribution<double> nd(mean * 10, 1e-3);  // |mean| / std up to 3e10
@@ -205,7 +215,7 @@ TEST_P(StatsCpu, SortedAndStructuredData) {
   for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i) * 0.5f - 1000.f;
   std::vector<double> d(v.begin(), v.end());
   auto s = tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {200000}));
-  expect_match(s, reference(d), 1e-6, "sorted");
+  expect_match(s, reference(d), kAcc, "sorted");
 }
 
 TEST_P(StatsCpu, Float64AndExtremes) {
@@ -222,12 +232,12 @@ TEST_P(StatsCpu, Float64AndExtremes) {
   for (size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>(nd(rng) * 1e36);
   std::vector<double> fd(f.begin(), f.end());
   auto sf = tv::compute_stats(view_of(f.data(), tv::DType::kFloat32, {10000}));
-  expect_match(sf, reference(fd), 1e-6, "f32 huge");
+  expect_match(sf, reference(fd), kAcc, "f32 huge");
   // Tiny float32 values whose squares underflow float.
   for (size_t i = 0; i < f.size(); ++i) f[i] = static_cast<float>(nd(rng) * 1e-30);
   fd.assign(f.begin(), f.end());
   sf = tv::compute_stats(view_of(f.data(), tv::DType::kFloat32, {10000}));
-  expect_match(sf, reference(fd), 1e-6, "f32 tiny");
+  expect_match(sf, reference(fd), kAcc, "f32 tiny");
 }
 
 TEST_P(StatsCpu, NanInfZeros) {
@@ -256,7 +266,7 @@ TEST_P(StatsCpu, NanInfZeros) {
   o.hist_bins = 33;
   auto s = tv::compute_stats(view_of(v.data(), tv::DType::kFloat32, {20000}), o);
   Ref r = reference(d, 33, s.hist_lo, s.hist_hi);
-  expect_match(s, r, 1e-6, "nan/inf");
+  expect_match(s, r, kAcc, "nan/inf");
   EXPECT_EQ(s.exp_hist, r.exp_hist);
   EXPECT_EQ(s.hist, r.hist);
   EXPECT_EQ(s.hist_lo, r.min);
@@ -313,7 +323,7 @@ TEST_P(StatsCpu, EveryDtype) {
       h[i] = float_to_half(f[i]);
       ref[i] = tv::half_to_float(h[i]);
     }
-    check(h.data(), tv::DType::kFloat16, 1e-6);
+    check(h.data(), tv::DType::kFloat16, kAcc);
     std::vector<uint16_t> b(n);
     for (size_t i = 0; i < n; ++i) {
       uint32_t u;
@@ -321,7 +331,7 @@ TEST_P(StatsCpu, EveryDtype) {
       b[i] = static_cast<uint16_t>(u >> 16);
       ref[i] = tv::bf16_to_float(b[i]);
     }
-    check(b.data(), tv::DType::kBFloat16, 1e-6);
+    check(b.data(), tv::DType::kBFloat16, kAcc);
   }
   {
     std::vector<uint8_t> q(n);
@@ -452,13 +462,13 @@ TEST_P(StatsCpu, MergeOfPartsEqualsWhole) {
     EXPECT_EQ(m->min, whole.min);
     EXPECT_EQ(m->max, whole.max);
     EXPECT_TRUE(close(m->mean, whole.mean, 1e-12));
-    EXPECT_TRUE(close(m->var(), whole.var(), 1e-7));
+    EXPECT_TRUE(close(m->var(), whole.var(), kAcc));
     EXPECT_TRUE(close(m->abs_sum, whole.abs_sum, 1e-9));
     EXPECT_EQ(m->hist, whole.hist);
     EXPECT_EQ(m->hist_below, whole.hist_below);
     EXPECT_EQ(m->exp_hist, whole.exp_hist);
   }
-  expect_match(left, reference(d), 1e-6, "merged");
+  expect_match(left, reference(d), kAcc, "merged");
   tv::TensorStats other = parts[0];
   tv::StatsOptions o2 = o;
   o2.hist_bins = 21;
@@ -486,7 +496,7 @@ TEST_P(StatsCpu, ThreadsGiveIdenticalResults) {
   EXPECT_EQ(s1.hist, s4.hist);
   EXPECT_EQ(s1.exp_hist, s4.exp_hist);
   std::vector<double> d(v.begin(), v.end());
-  expect_match(s4, reference(d), 1e-6, "threads");
+  expect_match(s4, reference(d), kAcc, "threads");
 }
 
 TEST_P(StatsCpu, ManyTensors) {
@@ -507,7 +517,129 @@ TEST_P(StatsCpu, ManyTensors) {
     EXPECT_EQ(all[i].mean, one.mean);
     EXPECT_EQ(all[i].hist, one.hist);
     std::vector<double> d(data[i].begin(), data[i].end());
-    expect_match(all[i], reference(d), 1e-6, "many");
+    expect_match(all[i], reference(d), kAcc, "many");
+  }
+}
+
+// float32/float16/bfloat16 moments against float64 over random sizes (every kernel path: the
+// 16-element fast loop, the masked rest, the scalar tail, several blocks and chunks) and data
+// shapes: zero mean, |mean| >> std, mixed scales, NaN/Inf sprinkled in.
+TEST_P(StatsCpu, FloatInputsMatchFloat64) {
+  std::mt19937 rng(2024);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::normal_distribution<double> nd(0.0, 1.0);
+  for (int trial = 0; trial < 60; ++trial) {
+    // Sizes from 1 to ~600K, log-uniform, plus the block/chunk boundaries now and then.
+    size_t n = static_cast<size_t>(std::exp(unit(rng) * std::log(600000.0))) + 1;
+    if (trial % 10 == 3) n = 4096 * (1 + trial % 3) + trial % 2;
+    if (trial % 10 == 7) n = 262144 + 15;
+    std::vector<double> src(n);
+    const int style = trial % 5;
+    const double scale = std::pow(10.0, unit(rng) * 8 - 4);
+    for (auto& x : src) {
+      const double z = nd(rng);
+      switch (style) {
+        case 0:  // zero-centred
+          x = z * scale;
+          break;
+        case 1:  // |mean| / std = 1e4
+          x = 1e4 + z;
+          break;
+        case 2:  // |mean| / std = 3e8
+          x = -3e6 * scale + z * 1e-2 * scale;
+          break;
+        case 3:  // 1% outliers
+          x = (z + 0.5) * scale * (unit(rng) < 0.01 ? 1e3 : 1.0);
+          break;
+        default:  // all positive, skewed
+          x = z * z * scale;
+          break;
+      }
+    }
+    if (style == 0 && n > 1) {  // exactly zero-mean in double before rounding
+      double m = 0;
+      for (double x : src) m += x;
+      m /= static_cast<double>(n);
+      for (auto& x : src) x -= m;
+    }
+    std::vector<float> f(src.begin(), src.end());
+    if (trial % 4 == 1)
+      for (int k = 0; k < 3; ++k) {
+        f[rng() % n] = std::numeric_limits<float>::quiet_NaN();
+        f[rng() % n] = -std::numeric_limits<float>::infinity();
+      }
+    const int64_t len = static_cast<int64_t>(n);
+    std::vector<double> ref(f.begin(), f.end());
+    SCOPED_TRACE("trial " + std::to_string(trial) + " n " + std::to_string(n));
+    expect_match(tv::compute_stats(view_of(f.data(), tv::DType::kFloat32, {len})), reference(ref),
+                 kAcc, "f32");
+    std::vector<uint16_t> h(n), b(n);
+    for (size_t i = 0; i < n; ++i) {
+      h[i] = float_to_half(f[i]);
+      uint32_t u;
+      std::memcpy(&u, &f[i], 4);
+      b[i] = static_cast<uint16_t>(u >> 16);  // truncation: still a bf16 value
+    }
+    for (size_t i = 0; i < n; ++i) ref[i] = tv::half_to_float(h[i]);
+    Ref rh = reference(ref);
+    if (std::isfinite(rh.var))
+      expect_match(tv::compute_stats(view_of(h.data(), tv::DType::kFloat16, {len})), rh, kAcc,
+                   "f16");
+    for (size_t i = 0; i < n; ++i) ref[i] = tv::bf16_to_float(b[i]);
+    expect_match(tv::compute_stats(view_of(b.data(), tv::DType::kBFloat16, {len})), reference(ref),
+                 kAcc, "bf16");
+  }
+}
+
+// The one-chunk fast path of compute_stats (no thread pool, no task list) gives exactly the
+// record of the general path, for every size it covers.
+TEST_P(StatsCpu, SmallTensorPathMatchesGeneralPath) {
+  auto v = random_floats(262144 + 1, 31, 2.0, 0.5);
+  for (size_t n : {0u, 1u, 7u, 8u, 15u, 16u, 17u, 100u, 4096u, 4097u, 262144u, 262145u}) {
+    for (bool exp : {false, true}) {
+      tv::StatsOptions o;
+      o.exp_hist = exp;
+      auto view = view_of(v.data(), tv::DType::kFloat32, {static_cast<int64_t>(n)});
+      auto one = tv::compute_stats(view, o);
+      auto many = tv::compute_stats_many({view, view}, o);
+      for (const auto& m : many) {
+        EXPECT_EQ(m.numel, one.numel) << n;
+        EXPECT_EQ(m.zeros, one.zeros);
+        EXPECT_TRUE(close(m.min, one.min, 0) && close(m.max, one.max, 0));
+        EXPECT_EQ(m.mean, one.mean) << n;
+        EXPECT_EQ(m.m2, one.m2) << n;
+        EXPECT_EQ(m.abs_sum, one.abs_sum) << n;
+        EXPECT_EQ(m.abs_max, one.abs_max);
+        EXPECT_EQ(m.exp_hist, one.exp_hist);
+        EXPECT_TRUE(m.hist.empty());
+      }
+      EXPECT_EQ(one.exp_hist.size(), exp ? static_cast<size_t>(tv::kExpHistBuckets) : 0u);
+    }
+  }
+}
+
+// Many tiny tensors (a training step's biases and scalars): batched across threads, results in
+// order and equal to one call per tensor, whatever the thread count.
+TEST_P(StatsCpu, ManyTinyTensors) {
+  std::vector<std::vector<float>> data;
+  std::vector<tv::TensorView> views;
+  for (int i = 0; i < 1000; ++i) data.push_back(random_floats(1 + i % 13, i, i * 0.1, 1.0));
+  for (auto& d : data)
+    views.push_back(view_of(d.data(), tv::DType::kFloat32, {static_cast<int64_t>(d.size())}));
+  views.push_back(view_of(nullptr, tv::DType::kFloat32, {0}));
+  for (int threads : {1, 2, 4}) {
+    tv::StatsOptions o;
+    o.num_threads = threads;
+    auto all = tv::compute_stats_many(views, o);
+    ASSERT_EQ(all.size(), views.size());
+    for (size_t i = 0; i < views.size(); ++i) {
+      auto one = tv::compute_stats(views[i]);
+      EXPECT_EQ(all[i].numel, one.numel);
+      EXPECT_EQ(all[i].mean, one.mean);
+      EXPECT_EQ(all[i].m2, one.m2);
+    }
+    std::vector<double> d(data[500].begin(), data[500].end());
+    expect_match(all[500], reference(d), kAcc, "tiny");
   }
 }
 

@@ -17,8 +17,9 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# Inputs computed in float lanes (f32/f16/bf16) carry float-rounded partial sums.
-FLOAT_LANE = {"float32", "float16", "bfloat16"}
+# Every dtype accumulates in double (float32/float16/bfloat16 elements are widened exactly before
+# any sum), so moments match the float64 reference to ~1e-11, the mean relative to |mean| + std.
+RTOL = 1e-11
 
 
 def _as_f64(a: np.ndarray) -> np.ndarray:
@@ -26,7 +27,7 @@ def _as_f64(a: np.ndarray) -> np.ndarray:
 
 
 def _tol(a: np.ndarray) -> float:
-    return 2e-6 if np.asarray(a).dtype.name in FLOAT_LANE else 1e-10
+    return RTOL
 
 
 def _auto_range(fin: np.ndarray) -> tuple[float, float]:
@@ -179,10 +180,10 @@ def test_merge_equals_concatenation(seed, dtype):
     merged = tv.compute_stats(x[:cut], **kw).merge(tv.compute_stats(x[cut:], **kw))
     assert merged.numel == whole.numel and merged.zeros == whole.zeros
     assert merged.min == whole.min or (math.isnan(merged.min) and math.isnan(whole.min))
-    rel = 1e-6 if dtype in FLOAT_LANE else 1e-9
+    rel = RTOL
     assert merged.mean == pytest.approx(whole.mean, rel=rel, abs=rel)
     if whole.finite:
-        assert merged.var == pytest.approx(whole.var, rel=1e-6)
+        assert merged.var == pytest.approx(whole.var, rel=rel)
     np.testing.assert_array_equal(merged.hist, whole.hist)
     np.testing.assert_array_equal(merged.exp_hist, whole.exp_hist)
     check_against_numpy(merged, x, hist_bins=16, hist_range=(-5.0, 7.0), exp_hist=True)
@@ -205,6 +206,83 @@ def test_large_chunked_tensor(dtype):
     single = tv.compute_stats(x, hist_bins=64, exp_hist=True, num_threads=1)
     assert single.mean == s.mean and single.var == s.var  # thread count never changes results
     np.testing.assert_array_equal(single.hist, s.hist)
+
+
+def _float_dtype(name):
+    return getattr(ml_dtypes, name) if name == "bfloat16" else np.dtype(name)
+
+
+def _assert_float64_moments(s, a, rtol):
+    """mean/var/l1/l2 of ``s`` against NumPy float64 (mean relative to |mean| + std)."""
+    x = _as_f64(a)
+    x = x[np.isfinite(x)]
+    mean = x.mean()
+    var = x.var()
+    scale = abs(mean) + math.sqrt(var)
+    assert abs(s.mean - mean) <= rtol * scale, (s.mean, mean)
+    assert s.var == pytest.approx(var, rel=rtol, abs=1e-300)
+    assert s.l1 == pytest.approx(np.abs(x).sum(), rel=rtol)
+    assert s.l2 == pytest.approx(np.sqrt(np.sum(x * x)), rel=rtol)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(["float32", "float16", "bfloat16"]),
+    st.sampled_from(["zero_mean", "normal", "large_mean", "huge_mean", "positive"]),
+    hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=70),
+)
+def test_float_inputs_match_float64(seed, dtype, style, shape):
+    """float32/16/bf16 moments equal NumPy float64 on the same values to ~1e-11."""
+    r = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    scale = 10.0 ** r.uniform(-3, 3)
+    if style == "zero_mean":
+        v = r.standard_normal(n) * scale
+        v -= v.mean()
+    elif style == "normal":
+        v = r.standard_normal(n) * scale + r.standard_normal() * scale
+    elif style == "large_mean":  # |mean| / std = 1e4
+        v = 1e4 + r.standard_normal(n)
+    elif style == "huge_mean":  # |mean| / std = 1e7
+        v = -3e6 + r.standard_normal(n) * 0.3
+    else:
+        v = r.standard_normal(n) ** 2 * scale
+    with np.errstate(over="ignore"):
+        a = v.astype(_float_dtype(dtype)).reshape(shape)
+    if not np.isfinite(_as_f64(a)).any():
+        return
+    _assert_float64_moments(tv.compute_stats(a), a, RTOL)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n", [1, 8, 15, 16, 17, 4095, 4096, 4097, 262_145, 1_000_003])
+def test_float_inputs_match_float64_sizes(dtype, n):
+    """Every kernel path (16-element loop, masked rest, scalar tail, blocks, chunks)."""
+    r = np.random.default_rng(n)
+    for v in (r.standard_normal(n) * 0.02, 1e4 + r.standard_normal(n), r.standard_normal(n) + 3):
+        a = v.astype(_float_dtype(dtype))
+        _assert_float64_moments(tv.compute_stats(a), a, RTOL)
+        _assert_float64_moments(tv.compute_stats(a, num_threads=1), a, RTOL)
+
+
+def test_float32_small_tensor_accuracy_example():
+    """The example from the accuracy report: 1000 float32 values, |mean| >> std."""
+    r = np.random.default_rng(0)
+    a = (r.standard_normal(1000).astype(np.float32) * 10 + 1000).astype(np.float32)
+    _assert_float64_moments(tv.compute_stats(a), a, RTOL)
+    assert tv.compute_stats(a).mean == pytest.approx(a.astype(np.float64).mean(), rel=1e-14)
+
+
+def test_many_tiny_tensors_match_single():
+    r = np.random.default_rng(5)
+    xs = [r.standard_normal(int(k)).astype(np.float32) for k in r.integers(0, 20, 1000)]
+    many = tv.compute_stats_many(xs)
+    assert len(many) == len(xs)
+    for x, s in zip(xs, many):
+        one = tv.compute_stats(x)
+        assert s.numel == one.numel and s.mean == one.mean and s.m2 == one.m2
+        assert s.l1 == one.l1
 
 
 def test_huge_and_tiny_magnitudes():

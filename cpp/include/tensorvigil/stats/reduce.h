@@ -18,11 +18,14 @@ struct StatsOptions {
 };
 
 /// Statistics of one contiguous CPU tensor. Thread-safe; does not touch Python.
+/// One chunk (<= 262,144 elements) without a histogram runs on the calling thread without
+/// allocation; larger tensors are split into chunks across the pool and merged exactly.
 /// Throws Error(kInvalidArgument) for a bad option, Error(kUnsupported) for a CUDA view
 /// (see stats/reduce_cuda.h).
 TensorStats compute_stats(const TensorView& view, const StatsOptions& options = {});
 
-/// Statistics of many tensors, threads across and within tensors. Same order as `views`.
+/// Statistics of many tensors, threads across and within tensors (small tensors are batched,
+/// a few batches per thread). Same order as `views`; results do not depend on thread count.
 std::vector<TensorStats> compute_stats_many(const std::vector<TensorView>& views,
                                             const StatsOptions& options = {});
 
