@@ -86,6 +86,40 @@ TEST(Codec, ShuffleCompressesFloatsBetterThanPlainZstd) {
   EXPECT_LT(shuf.size(), f.size() * 4);
 }
 
+TEST(Codec, ShuffleZstdBeatsPlainZstdOnBf16RoundedFloats) {
+  // Floats whose low 16 bits are zero (bf16-trained weights saved as f32): two byte planes are
+  // all zeros and the exponent plane is low-entropy.
+  auto f = tvtest::random_floats(1 << 18, 5);
+  for (auto& x : f) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    u &= 0xffff0000u;
+    std::memcpy(&x, &u, 4);
+  }
+  const auto* raw = reinterpret_cast<const uint8_t*>(f.data());
+  auto shuf = encode_payload(Codec::kShuffleZstd, raw, f.size() * 4, 4, 1);
+  EXPECT_LT(shuf.size() * 2.5, f.size() * 4.0);
+  std::vector<float> back(f.size());
+  decode_payload(Codec::kShuffleZstd, shuf.data(), shuf.size(), 4,
+                 reinterpret_cast<uint8_t*>(back.data()), f.size() * 4, "t");
+  EXPECT_EQ(0, std::memcmp(back.data(), f.data(), f.size() * 4));
+}
+
+TEST(Codec, PlaneTableOverrunIsDataLoss) {
+  auto f = tvtest::random_floats(4096, 9);  // one 16 KiB chunk
+  const auto* raw = reinterpret_cast<const uint8_t*>(f.data());
+  std::vector<uint8_t> out(chunk_bound(Codec::kShuffleZstd, f.size() * 4, 4));
+  std::size_t n = encode_chunk(Codec::kShuffleZstd, raw, f.size() * 4, 4, 1, out.data());
+  ASSERT_LT(n, f.size() * 4);
+  std::vector<uint8_t> back(f.size() * 4);
+  for (uint32_t bad : {0xffffffffu, 0u, static_cast<uint32_t>(n)}) {
+    auto c = out;
+    std::memcpy(c.data() + 4, &bad, 4);  // plane 1 length
+    EXPECT_THROW(decode_chunk(Codec::kShuffleZstd, c.data(), n, 4, back.data(), back.size(), "t"),
+                 Error);
+  }
+}
+
 TEST(Codec, CorruptChunkIsDataLoss) {
   auto f = tvtest::random_floats(100000, 3);
   const auto* raw = reinterpret_cast<const uint8_t*>(f.data());

@@ -1,11 +1,14 @@
 #include "tensorvigil/store/codec.h"
 
+#define ZSTD_STATIC_LINKING_ONLY  // ZSTD_c_literalCompressionMode (a parameter, no static-only symbol)
 #include <zstd.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -196,10 +199,47 @@ void byte_unshuffle(const uint8_t* in, uint8_t* out, std::size_t n, std::size_t 
   transpose_bytes<false>(in, out, n, elem);
 }
 
-std::size_t chunk_bound(Codec c, std::size_t raw_len) {
+namespace {
+bool planes_split(Codec c, std::size_t elem) { return c == Codec::kShuffleZstd && elem > 1; }
+
+/// Pseudo-level: (almost) no match search, Huffman-coded literals. Byte planes of floats (the
+/// exponent plane above all) are low-entropy without long repeats; entropy coding alone
+/// compresses them better than level 1 and about five times faster.
+constexpr int kEntropyOnly = INT_MIN;
+
+/// zstd-compresses [src, src + n) into dst (capacity cap); 0 when it does not pay.
+std::size_t zstd_or_zero(const uint8_t* src, std::size_t n, int level, uint8_t* dst,
+                         std::size_t cap) {
+  ZSTD_CCtx* ctx = thread_cctx();
+  ZSTD_CCtx_reset(ctx, ZSTD_reset_session_and_parameters);
+  if (level == kEntropyOnly) {
+    ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, -500);
+    // Negative levels skip literal compression unless told otherwise.
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(ctx, ZSTD_c_literalCompressionMode, ZSTD_ps_enable)))
+      return 0;
+  } else {
+    ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, level);
+  }
+  ZSTD_CCtx_setParameter(ctx, ZSTD_c_checksumFlag, 0);
+  ZSTD_CCtx_setParameter(ctx, ZSTD_c_contentSizeFlag, 1);
+  std::size_t r = ZSTD_compress2(ctx, dst, cap, src, n);
+  return ZSTD_isError(r) || r >= n ? 0 : r;
+}
+
+// A byte plane whose first kSampleBytes do not compress below kSampleKeep of their size is
+// stored verbatim without compressing the rest: for float mantissa planes (close to random)
+// this skips most of the zstd work at a negligible cost in ratio.
+constexpr std::size_t kSampleBytes = 8192;
+constexpr double kSampleKeep = 0.97;
+}  // namespace
+
+std::size_t chunk_bound(Codec c, std::size_t raw_len, std::size_t elem) {
   if (c == Codec::kRaw) return raw_len;
-  std::size_t b = ZSTD_compressBound(raw_len);
-  return b > raw_len ? b : raw_len;
+  if (planes_split(c, elem)) {
+    std::size_t plane = raw_len / elem;
+    return std::max(raw_len, 4 * elem + elem * ZSTD_compressBound(plane));
+  }
+  return std::max<std::size_t>(raw_len, ZSTD_compressBound(raw_len));
 }
 
 std::size_t encode_chunk(Codec c, const uint8_t* raw, std::size_t raw_len, std::size_t elem,
@@ -208,24 +248,45 @@ std::size_t encode_chunk(Codec c, const uint8_t* raw, std::size_t raw_len, std::
     std::memcpy(out, raw, raw_len);
     return raw_len;
   }
-  const uint8_t* src = raw;
-  thread_local std::vector<uint8_t> scratch;
-  if (c == Codec::kShuffleZstd && elem > 1) {
-    if (scratch.size() < raw_len) scratch.resize(raw_len);
-    byte_shuffle(raw, scratch.data(), raw_len, elem);
-    src = scratch.data();
+  if (!planes_split(c, elem)) {
+    std::size_t r = zstd_or_zero(raw, raw_len, level, out, chunk_bound(c, raw_len, elem));
+    if (r) return r;
+    std::memcpy(out, raw, raw_len);  // incompressible: verbatim
+    return raw_len;
   }
-  ZSTD_CCtx* ctx = thread_cctx();
-  ZSTD_CCtx_reset(ctx, ZSTD_reset_session_only);
-  ZSTD_CCtx_setParameter(ctx, ZSTD_c_compressionLevel, level);
-  ZSTD_CCtx_setParameter(ctx, ZSTD_c_checksumFlag, 0);
-  ZSTD_CCtx_setParameter(ctx, ZSTD_c_contentSizeFlag, 1);
-  std::size_t r = ZSTD_compress2(ctx, out, chunk_bound(c, raw_len), src, raw_len);
-  if (ZSTD_isError(r) || r >= raw_len) {  // incompressible: store verbatim
+  // shuffle-zstd: elem u32 plane lengths, then each plane (zstd frame, or verbatim when its
+  // stored length equals the plane length).
+  thread_local std::vector<uint8_t> scratch;
+  if (scratch.size() < raw_len) scratch.resize(raw_len);
+  byte_shuffle(raw, scratch.data(), raw_len, elem);
+  const std::size_t plane = raw_len / elem;
+  std::size_t pos = 4 * elem;
+  for (std::size_t p = 0; p < elem; ++p) {
+    const uint8_t* src = scratch.data() + p * plane;
+    // Choose, on a sample, between entropy coding alone and zstd `level` (with matches).
+    const std::size_t sample = std::min(plane, kSampleBytes);
+    const std::size_t cap = ZSTD_compressBound(plane);
+    std::size_t se = zstd_or_zero(src, sample, kEntropyOnly, out + pos, cap);
+    std::size_t sm = zstd_or_zero(src, sample, level, out + pos, cap);
+    auto better = [](std::size_t a, std::size_t b) { return a && (!b || a <= b); };
+    int mode = better(se, sm) ? kEntropyOnly : level;
+    std::size_t best = better(se, sm) ? se : sm;
+    bool try_it = best != 0 && static_cast<double>(best) < kSampleKeep * static_cast<double>(sample);
+    std::size_t r = 0;
+    if (try_it) r = zstd_or_zero(src, plane, mode, out + pos, cap);
+    if (!r) {
+      std::memcpy(out + pos, src, plane);
+      r = plane;
+    }
+    uint32_t len = static_cast<uint32_t>(r);
+    std::memcpy(out + 4 * p, &len, 4);
+    pos += r;
+  }
+  if (pos >= raw_len) {  // nothing gained: the whole chunk verbatim (unshuffled)
     std::memcpy(out, raw, raw_len);
     return raw_len;
   }
-  return r;
+  return pos;
 }
 
 void decode_chunk(Codec c, const uint8_t* stored, std::size_t stored_len, std::size_t elem,
@@ -234,22 +295,41 @@ void decode_chunk(Codec c, const uint8_t* stored, std::size_t stored_len, std::s
     std::memcpy(raw, stored, raw_len);
     return;
   }
+  auto fail = [&](const std::string& what) {
+    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] " + what);
+  };
   if (c == Codec::kRaw || stored_len > raw_len)
-    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] chunk length " +
-                                          std::to_string(stored_len) + " does not match " +
-                                          std::to_string(raw_len));
-  thread_local std::vector<uint8_t> scratch;
-  uint8_t* dst = raw;
-  bool shuffled = c == Codec::kShuffleZstd && elem > 1;
-  if (shuffled) {
-    if (scratch.size() < raw_len) scratch.resize(raw_len);
-    dst = scratch.data();
+    fail("chunk length " + std::to_string(stored_len) + " does not match " + std::to_string(raw_len));
+  if (!planes_split(c, elem)) {
+    std::size_t r = ZSTD_decompressDCtx(thread_dctx(), raw, raw_len, stored, stored_len);
+    if (ZSTD_isError(r) || r != raw_len)
+      fail(std::string("zstd chunk does not decode: ") +
+           (ZSTD_isError(r) ? ZSTD_getErrorName(r) : "wrong size"));
+    return;
   }
-  std::size_t r = ZSTD_decompressDCtx(thread_dctx(), dst, raw_len, stored, stored_len);
-  if (ZSTD_isError(r) || r != raw_len)
-    throw_error(ErrorCode::kDataLoss, std::string("[") + where + "] zstd chunk does not decode: " +
-                                          (ZSTD_isError(r) ? ZSTD_getErrorName(r) : "wrong size"));
-  if (shuffled) byte_unshuffle(dst, raw, raw_len, elem);
+  if (raw_len % elem != 0) fail("chunk length is not a multiple of the element size");
+  const std::size_t plane = raw_len / elem;
+  if (stored_len < 4 * elem) fail("plane table is truncated");
+  thread_local std::vector<uint8_t> scratch;
+  if (scratch.size() < raw_len) scratch.resize(raw_len);
+  std::size_t pos = 4 * elem;
+  for (std::size_t p = 0; p < elem; ++p) {
+    uint32_t len;
+    std::memcpy(&len, stored + 4 * p, 4);
+    if (len > stored_len - pos) fail("plane " + std::to_string(p) + " overruns the chunk");
+    uint8_t* dst = scratch.data() + p * plane;
+    if (len == plane) {
+      std::memcpy(dst, stored + pos, plane);
+    } else {
+      std::size_t r = ZSTD_decompressDCtx(thread_dctx(), dst, plane, stored + pos, len);
+      if (ZSTD_isError(r) || r != plane)
+        fail("zstd plane " + std::to_string(p) + " does not decode: " +
+             (ZSTD_isError(r) ? ZSTD_getErrorName(r) : "wrong size"));
+    }
+    pos += len;
+  }
+  if (pos != stored_len) fail("plane lengths do not add up to the chunk length");
+  byte_unshuffle(scratch.data(), raw, raw_len, elem);
 }
 
 std::vector<uint8_t> encode_payload(Codec c, const uint8_t* raw, std::size_t n, std::size_t elem,
@@ -257,7 +337,7 @@ std::vector<uint8_t> encode_payload(Codec c, const uint8_t* raw, std::size_t n, 
   std::size_t nch = num_chunks_for(n, chunk_size);
   std::size_t hdr = container_header_size(nch);
   std::vector<uint8_t> out(hdr);
-  std::vector<uint8_t> tmp(chunk_bound(c, chunk_size));
+  std::vector<uint8_t> tmp(chunk_bound(c, chunk_size, elem));
   uint32_t cs = static_cast<uint32_t>(chunk_size), nc = static_cast<uint32_t>(nch);
   std::memcpy(out.data(), &cs, 4);
   std::memcpy(out.data() + 4, &nc, 4);

@@ -557,7 +557,7 @@ void StreamWriter::write_tensor(const std::string& name, int64_t step, Mode mode
 
   j->chunk = s.opt.chunk_size - s.opt.chunk_size % j->elem;
   j->nch = num_chunks_for(nbytes, j->chunk);
-  j->bound = j->codec == Codec::kRaw ? 0 : chunk_bound(j->codec, j->chunk);
+  j->bound = j->codec == Codec::kRaw ? 0 : chunk_bound(j->codec, j->chunk, j->elem);
   uint64_t need = nbytes + j->nch * j->bound;
   {
     std::unique_lock<std::mutex> lk(s.mu);

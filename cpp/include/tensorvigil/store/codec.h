@@ -2,8 +2,11 @@
 /// \file store/codec.h
 /// The chunked payload container shared by every codec (docs/FORMAT.md §6):
 ///   u32 chunk_size | u32 num_chunks | num_chunks x {u32 stored_len, u32 crc32c} | chunk data
-/// A chunk is stored compressed (codec zstd / shuffle-zstd) or verbatim when that is smaller,
-/// flagged by stored_len == chunk's raw length. The frame's payload_crc covers the table.
+/// A chunk is stored compressed or verbatim when that is not smaller, flagged by stored_len ==
+/// chunk's raw length. zstd: one zstd frame. shuffle-zstd (elements of 2+ bytes): the chunk is
+/// byte-shuffled into `elem` planes, stored as `elem` u32 plane lengths followed by each plane,
+/// a zstd frame or verbatim (plane length == raw_len / elem). The frame's payload_crc covers the
+/// chunk table; each chunk has its own CRC-32C.
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -25,8 +28,8 @@ inline std::size_t num_chunks_for(std::size_t nbytes, std::size_t chunk_size) {
   return (nbytes + chunk_size - 1) / chunk_size;
 }
 
-/// Worst-case stored size of one chunk of `raw_len` bytes with codec `c`.
-std::size_t chunk_bound(Codec c, std::size_t raw_len);
+/// Worst-case stored size of one chunk of `raw_len` bytes of `elem`-byte elements with codec `c`.
+std::size_t chunk_bound(Codec c, std::size_t raw_len, std::size_t elem);
 
 /// Encodes one chunk into `out` (capacity chunk_bound). Returns the stored length; equals
 /// raw_len when the chunk is stored verbatim. `level` is the zstd level. Thread-safe (uses a
