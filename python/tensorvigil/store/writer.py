@@ -8,12 +8,15 @@ import operator
 import os
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from .. import _core
 from .._arrays import as_array
 from ..errors import InvalidArgumentError, StoreIOError
 from ..modes import ModeLike, to_mode
 
 MANIFEST_NAME = "manifest.json"
+_MODE_CODES = {"train": 0, "eval": 1, "predict": 2, "global": 3}
 FORMAT_NAME = "tensorvigil-store"
 FORMAT_VERSION = (1, 0)
 
@@ -132,20 +135,26 @@ class StoreWriter:
             codec: Override the codec for this tensor.
 
         """
-        step = check_step(step)
-        arr, override = as_array(value)
+        if type(step) is not int or step < 0:
+            step = check_step(step)
+        if type(value) is np.ndarray and value.dtype.kind in "fiub" and value.flags.c_contiguous:
+            arr, override = value, ""  # the common case, without the general conversion
+        else:
+            arr, override = as_array(value)
+        code = _MODE_CODES.get(mode) if isinstance(mode, str) else None
+        # Positional call: pybind11's keyword matching costs several microseconds per call.
         self._w.write(
             name,
             step,
             arr,
-            mode=int(to_mode(mode)),
-            mode_step=mode_step,
-            stats_only=stats_only,
-            hist_bins=hist_bins,
-            hist_range=tuple(hist_range) if hist_range is not None else None,
-            exp_hist=exp_hist,
-            codec=codec,
-            dtype=override,
+            int(to_mode(mode)) if code is None else code,
+            mode_step,
+            stats_only,
+            hist_bins,
+            None if hist_range is None else tuple(hist_range),
+            exp_hist,
+            codec,
+            override,
         )
 
     def commit(
@@ -153,7 +162,7 @@ class StoreWriter:
     ) -> None:
         """Marks ``step`` complete: its tensors become visible to readers."""
         step = check_step(step)
-        self._w.commit(step, mode=int(to_mode(mode)), mode_step=mode_step)
+        self._w.commit(step, int(to_mode(mode)), mode_step)
 
     def flush(self, sync: bool = False) -> None:
         """Blocks until everything written so far is on disk (fsynced when ``sync``)."""
