@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <memory>
 #include <optional>
+#include <shared_mutex>
 
 #include "casters.h"
 #include "tensorvigil/error.h"
@@ -12,6 +14,11 @@
 #include "tensorvigil/store/stream_writer.h"
 
 namespace py = pybind11;
+
+// Holds the reader's lock shared for the rest of the scope and names the reader `r`.
+#define SHARED(h)                                          \
+  std::shared_lock<std::shared_mutex> shared_lock_((h).mu); \
+  const RunReader& r = *(h).reader
 
 namespace tensorvigil::py_bind {
 
@@ -44,6 +51,13 @@ StatsOptions stats_options(int hist_bins, std::optional<std::pair<double, double
   }
   return o;
 }
+
+/// The Python-facing reader: refresh() (GIL released, it does file I/O) takes the lock
+/// exclusively; every other method holds it shared, so no method sees the tables move.
+struct ReaderHandle {
+  std::unique_ptr<RunReader> reader;
+  mutable std::shared_mutex mu;
+};
 
 template <typename T>
 py::array_t<T> column(std::size_t n) {
@@ -169,23 +183,35 @@ it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 vie
       .def_property_readonly("dropped", [](const RecordInfo& r) { return (r.flags & store::kFlagDropped) != 0; })
       .def_readonly("stats", &RecordInfo::stats);
 
-  py::class_<RunReader>(m, "RunReader", R"doc(
+  py::class_<ReaderHandle>(m, "RunReader", R"doc(
 Reader of a run directory (all ranks). Sees committed steps only; ``refresh`` picks up what
 writers appended since. ``strict=False`` lists corruption in ``problems`` instead of raising.)doc")
-      .def(py::init<const std::string&, bool>(), py::arg("run_dir"), py::arg("strict") = true,
-           py::call_guard<py::gil_scoped_release>())
-      .def("refresh", &RunReader::refresh, py::call_guard<py::gil_scoped_release>(),
-           "Reads what was appended; returns the number of newly committed steps.")
-      .def("ranks", &RunReader::ranks)
-      .def("names", &RunReader::names)
-      .def("name_id", &RunReader::name_id)
-      .def("ended", &RunReader::ended)
-      .def("writer_alive", &RunReader::writer_alive)
-      .def_property_readonly("problems", &RunReader::problems)
-      .def("num_records", [](const RunReader& r) { return r.records().size(); })
+      .def(py::init([](const std::string& run_dir, bool strict) {
+             auto h = std::make_unique<ReaderHandle>();
+             py::gil_scoped_release nogil;
+             h->reader = std::make_unique<RunReader>(run_dir, strict);
+             return h;
+           }),
+           py::arg("run_dir"), py::arg("strict") = true)
+      .def(
+          "refresh",
+          [](ReaderHandle& h) {
+            py::gil_scoped_release nogil;
+            std::unique_lock<std::shared_mutex> lk(h.mu);
+            return h.reader->refresh();
+          },
+          "Reads what was appended; returns the number of newly committed steps.")
+      .def("ranks", [](const ReaderHandle& h) { SHARED(h); return r.ranks(); })
+      .def("names", [](const ReaderHandle& h) { SHARED(h); return r.names(); })
+      .def("name_id", [](const ReaderHandle& h, const std::string& n) { SHARED(h); return r.name_id(n); })
+      .def("ended", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.ended(rank); })
+      .def("writer_alive", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.writer_alive(rank); })
+      .def_property_readonly("problems", [](const ReaderHandle& h) { SHARED(h); return r.problems(); })
+      .def("num_records", [](const ReaderHandle& h) { SHARED(h); return r.records().size(); })
       .def(
           "record",
-          [](const RunReader& r, const std::string& name, int64_t step, uint32_t rank) -> py::object {
+          [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
+            SHARED(h);
             int64_t id = r.name_id(name);
             const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
             if (!rec) return py::none();
@@ -195,23 +221,28 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
           "The Record of (name, step, rank), or None.")
       .def(
           "read",
-          [](const RunReader& r, const std::string& name, int64_t step, uint32_t rank, int threads) {
-            int64_t id = r.name_id(name);
-            const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
-            if (!rec)
+          [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank, int threads) {
+            // Look up and copy under the lock, then read without it (and without the GIL):
+            // refresh() may run meanwhile; read_value() is safe against it.
+            std::optional<RecordInfo> copy;
+            {
+              SHARED(h);
+              int64_t id = r.name_id(name);
+              const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
+              if (rec) copy = *rec;
+            }
+            if (!copy)
               throw_error(ErrorCode::kNotFound, "[run_reader.read] no tensor '" + name +
                                                     "' at step " + std::to_string(step) +
                                                     " of rank " + std::to_string(rank));
-            if (!rec->has_value()) {
-              py::gil_scoped_release nogil;
-              r.read_value(*rec, nullptr, threads);  // raises NotFound with the reason
-            }
-            std::vector<py::ssize_t> shape(rec->shape.begin(), rec->shape.end());
-            py::array out(numpy_dtype(rec->dtype), shape);
+            const RunReader& r = *h.reader;
+            if (!copy->has_value()) r.read_value(*copy, nullptr, threads);  // NotFound, with why
+            std::vector<py::ssize_t> shape(copy->shape.begin(), copy->shape.end());
+            py::array out(numpy_dtype(copy->dtype), shape);
             void* dst = out.mutable_data();
             {
               py::gil_scoped_release nogil;
-              r.read_value(*rec, dst, threads);
+              r.read_value(*copy, dst, threads);
             }
             return out;
           },
@@ -219,7 +250,8 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
           "Decodes the values of (name, step, rank) into a new numpy array.")
       .def(
           "commits",
-          [](const RunReader& r) {
+          [](const ReaderHandle& h) {
+            SHARED(h);
             const auto& cs = r.commits();
             auto rank = column<uint32_t>(cs.size());
             auto step = column<int64_t>(cs.size());
@@ -247,7 +279,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
           "Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors.")
       .def(
           "stats_columns",
-          [](const RunReader& r, std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
+          [](const ReaderHandle& h, std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
              std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
             store::Selection sel;
             sel.name_ids = std::move(name_ids);
@@ -255,11 +287,8 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
             if (step_min) sel.step_min = *step_min;
             if (step_max) sel.step_max = *step_max;
             sel.mode = mode;
-            std::vector<std::size_t> idx;
-            {
-              py::gil_scoped_release nogil;
-              idx = r.select(sel);
-            }
+            SHARED(h);
+            std::vector<std::size_t> idx = r.select(sel);
             const std::size_t n = idx.size();
             auto name_id = column<int32_t>(n);
             auto rank = column<uint32_t>(n);
@@ -285,7 +314,6 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
               for (int k = 0; k < 5; ++k) pu[k] = u64[k].mutable_data();
               for (int k = 0; k < 9; ++k) pf[k] = f64[k].mutable_data();
               const auto& recs = r.records();
-              py::gil_scoped_release nogil;
               for (std::size_t i = 0; i < n; ++i) {
                 const RecordInfo& rec = recs[idx[i]];
                 const TensorStats& s = rec.stats;

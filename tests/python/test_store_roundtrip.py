@@ -186,3 +186,44 @@ def test_writer_counters_and_compression(tmp_run, rng):
     assert c["tensors"] == 1 and c["commits"] == 1
     assert c["stored_bytes"] < 0.95 * c["raw_bytes"]
     assert c["pending_bytes"] == 0
+
+
+def test_concurrent_readers_and_refresh_in_threads(tmp_run):
+    import threading
+
+    w = tv.StoreWriter(tmp_run)
+    w.write("x", 0, np.zeros(1000, np.float32))
+    w.commit(0)
+    w.flush()
+    run = tv.open(tmp_run)
+    errors = []
+    done = threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                run.refresh()
+                steps = run.steps()
+                last = steps[-1]
+                np.testing.assert_array_equal(
+                    run.tensor("x").value(last), np.full(1000, last, np.float32)
+                )
+                assert run.stats("x").num_rows >= len(steps)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for step in range(1, 200):
+        w.write("x", step, np.full(1000, step, np.float32))
+        w.commit(step)
+        if step % 10 == 0:
+            w.flush()
+    w.close()
+    done.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    run.refresh()
+    assert run.steps() == list(range(200))

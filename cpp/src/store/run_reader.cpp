@@ -10,6 +10,8 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <mutex>
+#include <shared_mutex>
 
 #include "tensorvigil/error.h"
 #include "tensorvigil/store/codec.h"
@@ -88,6 +90,9 @@ struct Stream {
 }  // namespace
 
 struct RunReader::Impl {
+  // refresh() changes the tables below under an exclusive lock; read_value() (called without
+  // the GIL from other threads) reads shard_paths under a shared one.
+  mutable std::shared_mutex mu;
   std::string run_dir;
   bool strict = true;
   std::map<uint32_t, Stream> streams;
@@ -322,6 +327,7 @@ RunReader::~RunReader() = default;
 
 std::size_t RunReader::refresh() {
   Impl& s = *impl_;
+  std::unique_lock<std::shared_mutex> lock(s.mu);
   std::error_code ec;
   for (const auto& entry : fs::directory_iterator(s.run_dir, ec)) {
     if (!entry.is_directory(ec)) continue;
@@ -403,10 +409,16 @@ bool RunReader::writer_alive(uint32_t rank) const {
 }
 
 void RunReader::read_value(const RecordInfo& rec, void* dst, int threads) const {
-  const std::string& path = impl_->shard_paths.at(rec.shard);
+  std::string path;
+  std::string name;
+  {
+    std::shared_lock<std::shared_mutex> lock(impl_->mu);
+    path = impl_->shard_paths.at(rec.shard);
+    name = impl_->names.at(rec.name_id);
+  }
   if (!rec.has_value())
     throw Error(ErrorCode::kNotFound,
-                std::string("[run_reader.read] tensor '") + impl_->names.at(rec.name_id) +
+                std::string("[run_reader.read] tensor '") + name +
                     "' at step " + std::to_string(rec.step) + " has no stored values (" +
                     ((rec.flags & kFlagDropped) ? "dropped under memory pressure" : "statistics only") +
                     ")");

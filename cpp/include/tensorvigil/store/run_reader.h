@@ -61,6 +61,9 @@ struct Selection {
   int mode = -1;                 ///< -1: any mode, else a Mode value.
 };
 
+/// Thread safety: read_value() may run concurrently with anything, including refresh(); the
+/// accessors returning references (records(), commits(), names(), find(), select()) must not
+/// overlap a refresh() (the Python binding holds the GIL for them).
 class RunReader {
  public:
   /// Opens `run_dir` (a directory holding rank-NNNNN/ stream directories) and reads what is
@@ -97,8 +100,8 @@ class RunReader {
   /// Path of shard `i` of the shard table.
   const std::string& shard_path(uint32_t i) const;
 
-  /// Decodes the values of `rec` into `dst` (exactly rec.raw_nbytes bytes), verifying every
-  /// checksum. Thread-safe; does not touch Python. DataLoss on corruption, NotFound when the
+  /// Decodes the values of `rec` (a copy is fine) into `dst` (exactly rec.raw_nbytes bytes),
+  /// verifying every checksum. Thread-safe; does not touch Python. DataLoss on corruption, NotFound when the
   /// record holds no values (stats-only or dropped).
   void read_value(const RecordInfo& rec, void* dst, int threads = 1) const;
 
