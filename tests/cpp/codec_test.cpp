@@ -70,7 +70,7 @@ TEST_P(CodecRoundTrip, ManySizes) {
     std::vector<float> back(n);
     decode_payload(GetParam(), payload.data(), payload.size(), 4,
                    reinterpret_cast<uint8_t*>(back.data()), nbytes, "test", 2);
-    EXPECT_EQ(0, std::memcmp(back.data(), f.data(), nbytes)) << n;
+    EXPECT_TRUE(n == 0 || std::memcmp(back.data(), f.data(), nbytes) == 0) << n;
   }
 }
 
