@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "tensorvigil/error.h"
+#include "tensorvigil/stats/reduce.h"
 #include "tensorvigil/store/run_reader.h"
 #include "tensorvigil/store/stream_writer.h"
 #include "test_util.h"
@@ -297,4 +298,30 @@ TEST(Store, EndedResetsWhenAWriterContinuesTheRank) {
 TEST(Store, RankAboveFiveDigitsIsRefused) {
   tvtest::TempDir dir;
   EXPECT_THROW(StreamWriter(dir.path(), 100000), Error);
+}
+
+TEST(ThreadPoolFork, ChildCanComputeLargeStatisticsAfterFork) {
+  // The parent's pool workers do not exist in a forked child (e.g. a DataLoader worker): the
+  // child must still finish (the caller runs the tasks itself) and gets a fresh pool.
+  auto a = tvtest::random_floats(2000000, 3);  // several chunks: uses the pool
+  TensorView v = view_of(a, {2000000});
+  TensorStats parent = compute_stats(v);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    TensorStats child = compute_stats(v);
+    _exit(child.mean == parent.mean && child.numel == parent.numel ? 0 : 1);
+  }
+  int status = 0;
+  for (int i = 0; i < 300; ++i) {  // 30 s at most: a hang is a failure, not a stuck test
+    if (waitpid(pid, &status, WNOHANG) == pid) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (i == 299) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      FAIL() << "child hung computing statistics after fork";
+    }
+  }
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }

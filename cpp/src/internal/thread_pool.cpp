@@ -3,6 +3,9 @@
 #include <atomic>
 #include <exception>
 #include <memory>
+#include <new>
+
+#include <pthread.h>
 
 namespace tensorvigil::internal {
 
@@ -118,7 +121,24 @@ void ThreadPool::parallel_for(std::size_t n, const std::function<void(std::size_
   if (job.error) std::rethrow_exception(job.error);
 }
 
+namespace {
+// After fork() only the forking thread exists in the child: the pools' workers are gone (and
+// a lock may have been held by one of them). The child forgets the pools without destroying
+// them (their destructors would join threads that do not exist) and builds a new one on use.
+void forget_pools_in_child() {
+  new (&g_pool_mu) std::mutex();
+  (void)g_pool.release();
+  for (auto& p : g_retired) (void)p.release();
+  g_retired.clear();
+}
+}  // namespace
+
 ThreadPool& ThreadPool::global() {
+  static const bool registered = [] {
+    ::pthread_atfork(nullptr, nullptr, forget_pools_in_child);
+    return true;
+  }();
+  (void)registered;
   std::lock_guard<std::mutex> lk(g_pool_mu);
   if (!g_pool) {
     if (g_pool_threads <= 0) g_pool_threads = default_threads();
