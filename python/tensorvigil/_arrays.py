@@ -38,6 +38,8 @@ def as_array(x: Any) -> tuple[np.ndarray, str]:
         InvalidArgumentError: for values that are not numeric arrays.
 
     """
+    if type(x) is np.ndarray and x.dtype.kind in "fiub" and x.flags.c_contiguous:
+        return x, ""  # the common case first: hooks convert many small arrays per step
     if is_torch_tensor(x):
         t = x.detach()
         if t.device.type != "cpu":

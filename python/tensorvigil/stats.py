@@ -24,8 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
-import numpy as np
-
 from . import _core
 from ._arrays import as_array
 from ._core import Stats
@@ -76,22 +74,15 @@ def compute_stats(
         True
 
     """
-    if (
-        type(x) is np.ndarray
-        and x.dtype.kind in "fiub"
-        and x.flags.c_contiguous
-        and hist_range is None
-    ):
-        # Fast path for the common case (hooks call this for many small tensors).
-        return _core.compute_stats(x, int(hist_bins), None, bool(exp_hist), None, int(num_threads))
     arr, override = as_array(x)
+    # Positional: pybind11's keyword matching costs microseconds, and this is called per tensor.
     return _core.compute_stats(
         arr,
-        hist_bins=int(hist_bins),
-        hist_range=_range_arg(hist_range),
-        exp_hist=bool(exp_hist),
-        dtype=override or None,
-        num_threads=int(num_threads),
+        int(hist_bins),
+        _range_arg(hist_range),
+        bool(exp_hist),
+        override or None,
+        int(num_threads),
     )
 
 

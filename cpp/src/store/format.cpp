@@ -304,15 +304,6 @@ bool check_meta_crc(const uint8_t* meta, uint32_t len, uint32_t crc) {
 }
 }  // namespace internal_format
 
-std::vector<IndexEntry> decode_index_meta(const uint8_t* p, std::size_t n,
-                                          const std::string& where) {
-  std::vector<IndexEntry> out;
-  for_each_index_entry(p, n, where, [&](uint64_t offset, const FrameHeader& h, const uint8_t* meta) {
-    out.push_back(IndexEntry{offset, h, std::vector<uint8_t>(meta, meta + h.meta_len)});
-  });
-  return out;
-}
-
 void encode_footer(uint8_t out[kFooterSize], uint64_t index_offset, uint64_t index_len,
                    uint32_t num_frames) {
   std::memcpy(out, kFooterMagic, 8);

@@ -100,6 +100,7 @@ struct Job {
   Codec codec = Codec::kRaw;
   std::vector<uint8_t> meta;  // encoded once stats are known
   TensorMeta tmeta;
+  CommitMeta cmeta;  // commit jobs: encoded by the I/O thread, which knows num_tensors
   bool need_stats = false;
   StatsOptions sopt;
   BufferPool::Buffer raw;
@@ -190,6 +191,9 @@ struct StreamWriter::Impl {
   }
   void flush_batch() {
     if (!batch_iov.empty()) write_all(batch_iov.data(), static_cast<int>(batch_iov.size()));
+    drop_batch();
+  }
+  void drop_batch() {
     batch_iov.clear();
     batch_hdr.clear();
     batch_bufs.clear();
@@ -255,13 +259,12 @@ struct StreamWriter::Impl {
     h.flags = j.flags;
     if (j.kind != FrameKind::kTensor) {
       if (j.kind == FrameKind::kCommit) {
-        CommitMeta c = decode_commit_meta(j.meta.data(), j.meta.size(), "stream_writer.commit");
-        auto it = uncommitted.find(c.step);
+        auto it = uncommitted.find(j.cmeta.step);
         if (it != uncommitted.end()) {
-          c.num_tensors = it->second;
+          j.cmeta.num_tensors = it->second;
           uncommitted.erase(it);
-          j.meta = encode_commit_meta(c);
         }
+        j.meta = encode_commit_meta(j.cmeta);
       }
       write_frame(h, j.meta, {});
       if (j.kind == FrameKind::kCommit) {
@@ -353,12 +356,7 @@ struct StreamWriter::Impl {
             err = std::current_exception();
           }
         }
-        if (err || failure) {  // drop queued iovecs: they point into the jobs released below
-          batch_iov.clear();
-          batch_hdr.clear();
-          batch_bufs.clear();
-          batch_bytes = 0;
-        }
+        if (err || failure) drop_batch();  // its iovecs point into the jobs released below
         uint64_t reserved = 0;
         for (auto& j : batch) {
           reserved += j->reserved;
@@ -608,12 +606,10 @@ void StreamWriter::commit_step(int64_t step, Mode mode, int64_t mode_step) {
   }
   auto j = std::make_unique<Job>();
   j->kind = FrameKind::kCommit;
-  CommitMeta c;
-  c.step = step;
-  c.mode = mode;
-  c.mode_step = mode_step;
-  c.wall_time = now_seconds();
-  j->meta = encode_commit_meta(c);
+  j->cmeta.step = step;
+  j->cmeta.mode = mode;
+  j->cmeta.mode_step = mode_step;
+  j->cmeta.wall_time = now_seconds();
   s.enqueue_ready(std::move(j));
 }
 

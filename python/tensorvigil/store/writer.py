@@ -8,8 +8,6 @@ import operator
 import os
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from .. import _core
 from .._arrays import as_array
 from ..errors import InvalidArgumentError, StoreIOError
@@ -137,10 +135,7 @@ class StoreWriter:
         """
         if type(step) is not int or step < 0:
             step = check_step(step)
-        if type(value) is np.ndarray and value.dtype.kind in "fiub" and value.flags.c_contiguous:
-            arr, override = value, ""  # the common case, without the general conversion
-        else:
-            arr, override = as_array(value)
+        arr, override = as_array(value)
         code = _MODE_CODES.get(mode) if isinstance(mode, str) else None
         # Positional call: pybind11's keyword matching costs several microseconds per call.
         self._w.write(

@@ -122,8 +122,6 @@ std::vector<uint8_t> encode_commit_meta(const CommitMeta& m);
 CommitMeta decode_commit_meta(const uint8_t* p, std::size_t n, const std::string& where);
 std::vector<uint8_t> encode_end_meta(double wall_time, uint64_t num_commits);
 std::vector<uint8_t> encode_index_meta(const std::vector<IndexEntry>& entries);
-std::vector<IndexEntry> decode_index_meta(const uint8_t* p, std::size_t n,
-                                          const std::string& where);
 /// Validates an index meta and calls `fn(offset, header, meta_ptr)` per entry without copying
 /// (`meta_ptr` points into [p, p + n)). Returns the entry count. DataLoss on any inconsistency;
 /// entries before the bad one may already have been passed to `fn`.
