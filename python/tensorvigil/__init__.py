@@ -27,8 +27,10 @@ from .errors import (
     StoreIOError,
     TensorNotFoundError,
     TensorVigilError,
+    TrainingStopped,
     UnsupportedError,
 )
+from .hooks.base import Collection, SaveConfig
 from .modes import Mode
 from .stats import Stats, compute_stats, compute_stats_many, get_num_threads, set_num_threads
 from .store import Run, StoreWriter, Tensor
@@ -36,13 +38,27 @@ from .store import open_run as open
 
 __version__: str = _core.__version__
 
+_LAZY_MODULES = ("torch", "cuda")
+
+
+def __getattr__(name: str):
+    # tv.torch (and other framework modules) load on first use, so `import tensorvigil` stays light.
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tensorvigil' has no attribute '{name}'")
+
+
 __all__ = [
+    "Collection",
     "DataCorruptionError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "Mode",
     "NotFoundError",
     "Run",
+    "SaveConfig",
     "Stats",
     "StepNotAvailableError",
     "StoreIOError",
@@ -50,6 +66,7 @@ __all__ = [
     "Tensor",
     "TensorNotFoundError",
     "TensorVigilError",
+    "TrainingStopped",
     "UnsupportedError",
     "__version__",
     "compute_stats",

@@ -47,6 +47,15 @@ class FailedPreconditionError(TensorVigilError, RuntimeError):
     """The object is in the wrong state (writer closed, stream locked by another writer)."""
 
 
+class TrainingStopped(TensorVigilError):
+    """Raised by a capture hook at a step boundary after a stop was requested.
+
+    A stop is requested by a rule whose action is "stop", by :meth:`request_stop` on the hook,
+    or by a watcher process that writes ``stop_request.json`` into the run. The hook commits
+    and flushes everything captured before raising, so no evidence is lost.
+    """
+
+
 _BY_CODE = {
     1: InvalidArgumentError,
     2: NotFoundError,
@@ -70,5 +79,6 @@ __all__ = [
     "StoreIOError",
     "TensorNotFoundError",
     "TensorVigilError",
+    "TrainingStopped",
     "UnsupportedError",
 ]

@@ -1,0 +1,806 @@
+"""Framework-neutral capture: save configs, collections, the error guard and the step session.
+
+The framework modules (:mod:`tensorvigil.hooks.torch`, ...) only translate framework events
+(forward passes, optimizer steps, losses) into calls on a :class:`CaptureSession`, which owns
+the step counter, the decision of what to save, the writer and the run's side files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import functools
+import json
+import logging
+import operator
+import os
+import re
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
+
+from ..errors import InvalidArgumentError, TrainingStopped
+from ..modes import Mode, ModeLike, to_mode
+
+logger = logging.getLogger("tensorvigil")
+
+#: Kinds of captured tensors. A collection selects tensors by kind (and name).
+KINDS = (
+    "weights",
+    "biases",
+    "gradients",
+    "inputs",
+    "outputs",
+    "losses",
+    "metrics",
+    "optimizer_variables",
+    "custom",
+)
+
+#: The collections a hook saves when ``collections`` is not given.
+DEFAULT_COLLECTIONS = ("weights", "biases", "gradients", "losses", "metrics")
+
+STOP_REQUEST_NAME = "stop_request.json"
+COLLECTIONS_NAME = "collections.json"
+
+_ModeKey = Union[Mode, str, int]
+
+
+def _check_int(value: Any, what: str, minimum: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}") from None
+    if v < minimum:
+        raise InvalidArgumentError(f"{what} must be >= {minimum}, got {v}")
+    return v
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    """When to save: every ``every`` steps within ``[start, end)``, plus the listed ``steps``.
+
+    Steps are counted per mode (the *mode step*: the 0-based count of train, eval or predict
+    steps so far), so ``every=10`` saves train steps 0, 10, 20 ... and eval steps 0, 10 ...
+    A step is saved when it is in ``steps`` (wherever it lies) **or** when
+    ``start <= s < end`` and ``(s - start) % every == 0``. Without ``every`` and ``steps``
+    every step of the window is saved.
+
+    Args:
+        every: Save every ``every``-th step of the window (``None``: only ``steps``).
+        steps: Steps saved in any case.
+        start: First step of the window.
+        end: End of the window (exclusive); ``None``: no end.
+        train: Overrides for train steps (a :class:`SaveConfig` without per-mode parts).
+        eval: Overrides for eval steps.
+        predict: Overrides for predict steps.
+
+    Example:
+        >>> cfg = tv.SaveConfig(every=100, steps=[0, 1, 2], eval=tv.SaveConfig(every=1))
+        >>> cfg.should_save(200), cfg.should_save(1), cfg.should_save(7, "eval")
+        (True, True, True)
+
+    """
+
+    every: Optional[int] = None
+    steps: Sequence[int] = ()
+    start: int = 0
+    end: Optional[int] = None
+    train: Optional[SaveConfig] = None
+    eval: Optional[SaveConfig] = None
+    predict: Optional[SaveConfig] = None
+    _steps: frozenset = field(default=frozenset(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.every is not None:
+            object.__setattr__(self, "every", _check_int(self.every, "SaveConfig.every", 1))
+        if isinstance(self.steps, (str, bytes)) or not isinstance(self.steps, Iterable):
+            raise InvalidArgumentError(
+                f"SaveConfig.steps must be a list of steps, got {self.steps!r}"
+            )
+        steps = tuple(sorted({_check_int(s, "SaveConfig.steps item", 0) for s in self.steps}))
+        object.__setattr__(self, "steps", steps)
+        object.__setattr__(self, "_steps", frozenset(steps))
+        object.__setattr__(self, "start", _check_int(self.start, "SaveConfig.start", 0))
+        if self.end is not None:
+            end = _check_int(self.end, "SaveConfig.end", 0)
+            if end <= self.start:
+                raise InvalidArgumentError(
+                    f"SaveConfig.end ({end}) must be greater than start ({self.start})"
+                )
+            object.__setattr__(self, "end", end)
+        for m in ("train", "eval", "predict"):
+            sub = getattr(self, m)
+            if sub is None:
+                continue
+            if not isinstance(sub, SaveConfig):
+                raise InvalidArgumentError(f"SaveConfig.{m} must be a SaveConfig, got {sub!r}")
+            if sub.train or sub.eval or sub.predict:
+                raise InvalidArgumentError(f"SaveConfig.{m} cannot itself have per-mode parts")
+
+    def for_mode(self, mode: ModeLike) -> SaveConfig:
+        """The config that applies to steps of ``mode`` (its override, or this one)."""
+        m = to_mode(mode)
+        sub = {Mode.TRAIN: self.train, Mode.EVAL: self.eval, Mode.PREDICT: self.predict}.get(m)
+        return sub if sub is not None else self
+
+    def should_save(self, step: int, mode: ModeLike = Mode.TRAIN) -> bool:
+        """Whether mode step ``step`` of ``mode`` is saved."""
+        cfg = self.for_mode(mode) if mode != Mode.TRAIN or self.train else self
+        if step in cfg._steps:
+            return True
+        if step < cfg.start or (cfg.end is not None and step >= cfg.end):
+            return False
+        if cfg.every is None:
+            return not cfg.steps
+        return (step - cfg.start) % cfg.every == 0
+
+
+@dataclass(frozen=True)
+class _TensorKey:
+    name: str
+    kind: str
+    tags: frozenset
+
+
+class Collection:
+    r"""A named set of captured tensors with its own save config.
+
+    Built-in names (``weights``, ``biases``, ``gradients``, ``losses``, ``metrics``,
+    ``inputs``, ``outputs``, ``relu_input``, ``relu_output``, ``tanh_input``, ``tanh_output``,
+    ``sigmoid_input``, ``sigmoid_output``, ``optimizer_variables``, ``custom``, ``all``,
+    ``default``) may be given as strings. A ``Collection`` with a built-in name and no
+    ``include`` overrides that collection's save config, ``reductions_only`` or histogram.
+
+    Args:
+        name: Collection name (recorded in the run's ``collections.json``).
+        include: Regular expressions searched in tensor names (``fc1.weight``,
+            ``fc1.weight/grad``) and, for ``inputs``/``outputs``, module names (``encoder.0``).
+        kinds: Kinds of tensors to consider (default: all kinds).
+        save: Save config of this collection (default: the hook's).
+        reductions_only: Store statistics only (default: the hook's).
+        hist_bins: Fixed-bin histogram size stored with the statistics (default: the hook's).
+
+    Example:
+        >>> attn = tv.Collection("attn", include=[r"layers\.\d+\.attn"],
+        ...                      kinds=("weights", "gradients", "outputs"),
+        ...                      save=tv.SaveConfig(every=10), reductions_only=True)
+
+    """
+
+    def __init__(
+        self,
+        name: str,
+        include: Union[str, Sequence[str]] = (),
+        kinds: Optional[Sequence[str]] = None,
+        *,
+        save: Optional[SaveConfig] = None,
+        reductions_only: Optional[bool] = None,
+        hist_bins: Optional[int] = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"collection name must be a non-empty string, got {name!r}")
+        if isinstance(include, str):
+            include = [include]
+        self.name = name
+        self.include = tuple(include)
+        try:
+            self._patterns = [re.compile(p) for p in self.include]
+        except re.error as e:
+            raise InvalidArgumentError(f"collection '{name}': bad include regex: {e}") from None
+        if kinds is None:
+            kinds = KINDS
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise InvalidArgumentError(
+                f"collection '{name}': unknown kind(s) {bad}; known kinds: {', '.join(KINDS)}"
+            )
+        self.kinds = frozenset(kinds)
+        if save is not None and not isinstance(save, SaveConfig):
+            raise InvalidArgumentError(f"collection '{name}': save must be a SaveConfig")
+        self.save = save
+        self.reductions_only = None if reductions_only is None else bool(reductions_only)
+        self.hist_bins = None if hist_bins is None else _check_int(hist_bins, "hist_bins", 0)
+
+    def matches(self, key: _TensorKey, module: str = "") -> bool:
+        """Whether the tensor ``key`` (of module ``module``) belongs to this collection."""
+        if key.kind not in self.kinds:
+            return False
+        if not self._patterns:
+            return True
+        return any(p.search(key.name) or (module and p.search(module)) for p in self._patterns)
+
+    def __repr__(self) -> str:
+        return (
+            f"Collection({self.name!r}, include={list(self.include)}, kinds={sorted(self.kinds)})"
+        )
+
+
+def _builtin(name: str, kinds: Sequence[str], tag: Optional[str] = None) -> Callable:
+    kinds = frozenset(kinds)
+
+    def pred(key: _TensorKey) -> bool:
+        # Built-ins skip container modules (their outputs repeat their children's).
+        return (
+            key.kind in kinds and (tag is None or tag in key.tags) and "container" not in key.tags
+        )
+
+    pred.__name__ = name
+    return pred
+
+
+_BUILTINS: dict[str, Callable[[_TensorKey], bool]] = {
+    "weights": _builtin("weights", ["weights"]),
+    "biases": _builtin("biases", ["biases"]),
+    "gradients": _builtin("gradients", ["gradients"]),
+    "losses": _builtin("losses", ["losses"]),
+    "metrics": _builtin("metrics", ["metrics"]),
+    "inputs": _builtin("inputs", ["inputs"]),
+    "outputs": _builtin("outputs", ["outputs"]),
+    "relu_input": _builtin("relu_input", ["inputs"], "relu"),
+    "relu_output": _builtin("relu_output", ["outputs"], "relu"),
+    "tanh_input": _builtin("tanh_input", ["inputs"], "tanh"),
+    "tanh_output": _builtin("tanh_output", ["outputs"], "tanh"),
+    "sigmoid_input": _builtin("sigmoid_input", ["inputs"], "sigmoid"),
+    "sigmoid_output": _builtin("sigmoid_output", ["outputs"], "sigmoid"),
+    "optimizer_variables": _builtin("optimizer_variables", ["optimizer_variables"]),
+    "custom": _builtin("custom", ["custom"]),
+    "all": _builtin("all", KINDS),
+}
+BUILTIN_COLLECTIONS = tuple(_BUILTINS) + ("default",)
+
+
+class _Coll:
+    """A resolved collection: membership predicate plus effective settings."""
+
+    __slots__ = ("name", "pred", "user", "save", "reductions_only", "hist_bins")
+
+    def __init__(self, name, pred, user, save, reductions_only, hist_bins):
+        self.name = name
+        self.pred = pred
+        self.user = user
+        self.save = save
+        self.reductions_only = reductions_only
+        self.hist_bins = hist_bins
+
+
+class CapturePlan:
+    """Decides, per step and tensor, whether to save it and how (statistics only or values)."""
+
+    def __init__(
+        self,
+        collections: Optional[Sequence[Union[str, Collection]]],
+        save: SaveConfig,
+        reductions_only: bool,
+        hist_bins: int,
+    ) -> None:
+        if collections is None:
+            collections = list(DEFAULT_COLLECTIONS)
+        elif isinstance(collections, (str, Collection)):
+            collections = [collections]
+        names: list[str] = []
+        overrides: dict[str, Collection] = {}
+        user: list[Collection] = []
+        for c in collections:
+            if isinstance(c, str):
+                if c not in BUILTIN_COLLECTIONS:
+                    raise InvalidArgumentError(
+                        f"unknown collection '{c}'; built-in collections: "
+                        f"{', '.join(BUILTIN_COLLECTIONS)} (or pass a tv.Collection)"
+                    )
+                names.extend(DEFAULT_COLLECTIONS if c == "default" else [c])
+            elif isinstance(c, Collection):
+                if c.name in _BUILTINS and not c.include:
+                    names.append(c.name)
+                    overrides[c.name] = c
+                elif c.name in BUILTIN_COLLECTIONS:
+                    raise InvalidArgumentError(
+                        f"collection '{c.name}' has a built-in name: omit include= to "
+                        "override the built-in, or choose another name"
+                    )
+                else:
+                    user.append(c)
+            else:
+                raise InvalidArgumentError(
+                    f"collections must hold names or tv.Collection objects, got {c!r}"
+                )
+        self.colls: list[_Coll] = []
+        seen = set()
+        for n in names:
+            if n in seen:
+                continue
+            seen.add(n)
+            o = overrides.get(n)
+            self.colls.append(
+                self._resolve(n, _BUILTINS[n], None, o, save, reductions_only, hist_bins)
+            )
+        for c in user:
+            if c.name in seen:
+                raise InvalidArgumentError(f"collection '{c.name}' is given twice")
+            seen.add(c.name)
+            self.colls.append(self._resolve(c.name, None, c, c, save, reductions_only, hist_bins))
+        self._members: dict[_TensorKey, tuple[int, ...]] = {}
+        self._active: list[Optional[tuple[bool, int]]] = [None] * len(self.colls)
+        self.names_by_collection: dict[str, set[str]] = {}
+        self._noted: set[str] = set()
+        self.version = 0  # bumps when names_by_collection grows
+
+    @staticmethod
+    def _resolve(name, pred, user, override, save, reductions_only, hist_bins) -> _Coll:
+        if override is not None:
+            save = override.save or save
+            if override.reductions_only is not None:
+                reductions_only = override.reductions_only
+            if override.hist_bins is not None:
+                hist_bins = override.hist_bins
+        return _Coll(name, pred, user, save, reductions_only, hist_bins)
+
+    def could_want(
+        self, kind: str, tags: frozenset = frozenset(), module: str = "", name: str = ""
+    ) -> bool:
+        """Whether any collection could select a tensor of ``kind`` (for hook registration).
+
+        Args:
+            kind: Tensor kind.
+            tags: Tags of the tensor (``relu``, ``container`` ...).
+            module: Module the tensor belongs to, matched by user collections' regexes.
+            name: Tensor name, matched as well.
+
+        """
+        key = _TensorKey(name, kind, tags)
+        for c in self.colls:
+            if c.user is not None:
+                if c.user.matches(key, module):
+                    return True
+            elif c.pred(key):
+                return True
+        return False
+
+    def begin(self, mode: Mode, mode_step: int) -> bool:
+        """Computes which collections save this step; returns whether any does."""
+        any_active = False
+        for i, c in enumerate(self.colls):
+            if c.save.should_save(mode_step, mode):
+                self._active[i] = (c.reductions_only, c.hist_bins)
+                any_active = True
+            else:
+                self._active[i] = None
+        return any_active
+
+    def members(
+        self, name: str, kind: str, tags: frozenset = frozenset(), module: str = ""
+    ) -> tuple[int, ...]:
+        """Indices of the collections ``name`` belongs to (cached)."""
+        key = _TensorKey(name, kind, tags)
+        m = self._members.get(key)
+        if m is None:
+            m = tuple(
+                i
+                for i, c in enumerate(self.colls)
+                if (c.user.matches(key, module) if c.user is not None else c.pred(key))
+            )
+            self._members[key] = m
+        return m
+
+    def note_saved(self, name: str, kind: str, tags: frozenset, members: tuple[int, ...]) -> None:
+        """Records a saved tensor's collections for ``collections.json``.
+
+        Besides the hook's collections, every built-in collection that describes the tensor
+        (``gradients``, ``relu_input`` ...) is recorded, so rules find gradients by collection
+        even when the hook was asked for ``all`` or a user collection.
+        """
+        if name in self._noted:
+            return
+        self._noted.add(name)
+        key = _TensorKey(name, kind, tags)
+        for i in members:
+            self.names_by_collection.setdefault(self.colls[i].name, set()).add(name)
+        for cname, pred in _BUILTINS.items():
+            if cname != "all" and pred(key):
+                self.names_by_collection.setdefault(cname, set()).add(name)
+        self.version += 1
+
+    def decide(self, members: tuple[int, ...]) -> Optional[tuple[bool, int]]:
+        """``None`` (skip) or ``(stats_only, hist_bins)`` for a tensor in ``members`` now.
+
+        Values are stored when any active collection of the tensor wants them; the histogram
+        is the largest one asked for.
+        """
+        stats_only = True
+        bins = -1
+        active = self._active
+        for i in members:
+            a = active[i]
+            if a is not None:
+                if not a[0]:
+                    stats_only = False
+                if a[1] > bins:
+                    bins = a[1]
+        if bins < 0:
+            return None
+        return stats_only, bins
+
+
+# ---------------------------------------------------------------------------------------------
+# Error guard
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def guarded(fn: _F) -> _F:
+    """Wraps a framework-facing method of a hook: errors disable capture unless strict.
+
+    The object must have a ``_session`` (:class:`CaptureSession`). :class:`TrainingStopped`
+    always propagates (it is how a stop is delivered).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        s = self._session
+        if s.disabled:
+            return None
+        try:
+            return fn(self, *args, **kwargs)
+        except TrainingStopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - the guard's whole point
+            s.fail(e, fn.__name__)
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Session
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    for s in list(_LIVE):
+        try:
+            s.close()
+        except Exception:  # noqa: BLE001 - interpreter exit: report, never raise
+            logger.exception("tensorvigil: closing a capture session at exit failed")
+
+
+def _detect_rank() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        v = os.environ.get(var)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return 0
+
+
+class CaptureSession:
+    """Step bookkeeping and writing for one hook (one rank's stream of a run).
+
+    Args:
+        out_dir: Run directory.
+        plan: What to save.
+        strict: Raise hook errors instead of disabling capture.
+        ranks: ``"all"`` (every rank writes its stream) or ``"zero"`` (only rank 0 writes).
+        rank_fn: Returns this process's rank (called when the writer is first needed, so
+            ``torch.distributed`` may be initialised after the hook is made).
+        exp_hist: Store the exponent histogram with every statistics record.
+        writer_options: Passed to :class:`tensorvigil.StoreWriter`.
+
+    """
+
+    def __init__(
+        self,
+        out_dir: Union[str, os.PathLike],
+        plan: CapturePlan,
+        *,
+        strict: bool,
+        ranks: str = "all",
+        rank_fn: Callable[[], int] = _detect_rank,
+        exp_hist: bool = True,
+        writer_options: Optional[dict] = None,
+    ) -> None:
+        if isinstance(out_dir, str) and "://" in out_dir:
+            raise InvalidArgumentError(
+                f"out_dir '{out_dir}': object storage URLs are not supported yet; "
+                "use a local directory"
+            )
+        if ranks not in ("all", "zero"):
+            raise InvalidArgumentError(f"ranks must be 'all' or 'zero', got {ranks!r}")
+        self.out_dir = os.fspath(out_dir)
+        self.plan = plan
+        self.strict = bool(strict)
+        self.ranks = ranks
+        self._rank_fn = rank_fn
+        self.exp_hist = bool(exp_hist)
+        self._writer_options = dict(writer_options or {})
+        self._writer: Any = None
+        self._writer_lock = threading.Lock()
+        self.rank: Optional[int] = None
+        self.disabled = False
+        self.closed = False
+        self._failed_once = False
+        self.step = -1
+        self.mode = Mode.TRAIN
+        self.mode_step = -1
+        self._mode_steps: dict[Mode, int] = {}
+        self.step_open = False
+        self._saving = False
+        self._written: set[str] = set()
+        self._wrote = False
+        self._collections_version = -1
+        self.stop_reason: Optional[str] = None
+        self._stop_raised = False
+        self._stop_checked = 0.0
+        self._started = time.time()  # stop requests older than this belong to an earlier run
+        self.gpu: Any = None  # GPU capture path, attached by the framework module when used
+        _LIVE.add(self)
+
+    # -- writer ----------------------------------------------------------------------------
+
+    @property
+    def capturing(self) -> bool:
+        """False when this rank does not write (``ranks="zero"`` on other ranks) or is off."""
+        if self.disabled or self.closed:
+            return False
+        if self.rank is None:
+            self.rank = int(self._rank_fn())
+        return self.ranks == "all" or self.rank == 0
+
+    def writer(self) -> Any:
+        """The rank's :class:`StoreWriter`, created on first use."""
+        w = self._writer
+        if w is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    from ..store.writer import StoreWriter
+
+                    self._writer = StoreWriter(self.out_dir, self.rank or 0, **self._writer_options)
+                w = self._writer
+        return w
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def begin_step(self, mode: Mode) -> None:
+        """Ends the open step (committing it) and opens the next one in ``mode``.
+
+        Raises:
+            TrainingStopped: a stop was requested (raised once, before the new step opens).
+
+        """
+        if self.step_open:
+            self.end_step()
+        self._check_stop()
+        self.step += 1
+        self.mode = mode
+        ms = self._mode_steps.get(mode, -1) + 1
+        self._mode_steps[mode] = ms
+        self.mode_step = ms
+        self.step_open = True
+        self._written.clear()
+        self._wrote = False
+        self._saving = self.capturing and self.plan.begin(mode, ms)
+
+    def end_step(self) -> None:
+        """Commits the open step if anything was saved in it."""
+        if not self.step_open:
+            return
+        self.step_open = False
+        if self._wrote:
+            self._wrote = False
+            if self.gpu is not None:
+                self.gpu.commit(self.step, int(self.mode), self.mode_step)
+            else:
+                self.writer().commit(self.step, mode=self.mode, mode_step=self.mode_step)
+            if self.plan.version != self._collections_version:
+                self.write_collections()
+
+    @property
+    def saving(self) -> bool:
+        """Whether any collection saves the open step."""
+        return self._saving and not self.disabled
+
+    def save(
+        self,
+        name: str,
+        kind: str,
+        value: Any,
+        tags: frozenset = frozenset(),
+        module: str = "",
+    ) -> bool:
+        """Saves ``value`` as ``name`` in the open step if a collection asks for it.
+
+        A name is saved at most once per step (the first value wins). Returns whether it was
+        saved.
+        """
+        if not self._saving or name in self._written:
+            return False
+        plan = self.plan
+        members = plan.members(name, kind, tags, module)
+        d = plan.decide(members)
+        if d is None:
+            return False
+        if name not in plan._noted:
+            plan.note_saved(name, kind, tags, members)
+        self._written.add(name)
+        self._wrote = True
+        stats_only, bins = d
+        gpu = self.gpu
+        if gpu is not None and getattr(value, "is_cuda", False):
+            gpu.save(
+                name, self.step, self.mode, self.mode_step, value, stats_only, bins, self.exp_hist
+            )
+            return True
+        self.writer().write(
+            name,
+            self.step,
+            value,
+            mode=self.mode,
+            mode_step=self.mode_step,
+            stats_only=stats_only,
+            hist_bins=bins,
+            exp_hist=self.exp_hist,
+        )
+        return True
+
+    def wants(self, name: str, kind: str, tags: frozenset = frozenset(), module: str = "") -> bool:
+        """Whether :meth:`save` would save ``name`` now (to skip expensive preparation)."""
+        if not self._saving or name in self._written:
+            return False
+        return self.plan.decide(self.plan.members(name, kind, tags, module)) is not None
+
+    # -- side files ------------------------------------------------------------------------
+
+    def write_collections(self) -> None:
+        """Writes ``collections.json`` (atomically) with every name seen so far."""
+        self._collections_version = self.plan.version
+        doc = {k: sorted(v) for k, v in self.plan.names_by_collection.items() if v}
+        path = os.path.join(self.out_dir, COLLECTIONS_NAME)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def request_stop(self, reason: str, *, write_file: bool = True) -> None:
+        """Asks training to stop at the next step boundary (also other ranks, via the run)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if write_file:
+            write_stop_request(self.out_dir, reason)
+
+    def _check_stop(self) -> None:
+        if self._stop_raised:
+            return
+        if self.stop_reason is None:
+            now = time.monotonic()
+            if now - self._stop_checked >= 0.2:
+                self._stop_checked = now
+                req = read_stop_request(self.out_dir, self._started)
+                if req is not None:
+                    self.stop_reason = str(req.get("reason") or "stop requested")
+        if self.stop_reason is not None:
+            self._stop_raised = True
+            if self._writer is not None and not self.disabled:
+                self.flush()
+            raise TrainingStopped(f"training stopped by tensorvigil: {self.stop_reason}")
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a stop was requested (checks the run's stop request file)."""
+        if self.stop_reason is None:
+            req = read_stop_request(self.out_dir, self._started)
+            if req is not None:
+                self.stop_reason = str(req.get("reason") or "stop requested")
+        return self.stop_reason is not None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Waits until everything saved so far is written."""
+        if self.gpu is not None:
+            self.gpu.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def fail(self, error: BaseException, where: str) -> None:
+        """Handles a hook error: raise when strict, else log once and disable capture."""
+        if self.strict:
+            raise error
+        self.disabled = True
+        if not self._failed_once:
+            self._failed_once = True
+            logger.error(
+                "tensorvigil: capture disabled after an error in %s (training continues; "
+                "pass strict=True to raise instead): %s: %s",
+                where,
+                type(error).__name__,
+                error,
+                exc_info=error,
+            )
+        try:
+            self._close_writer(commit_open=False)
+        except Exception:  # noqa: BLE001 - already failed; keep what was committed
+            pass
+
+    def close(self) -> None:
+        """Commits the open step, writes the side files and closes the writer. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
+        self._close_writer(commit_open=not self.disabled)
+
+    def _close_writer(self, commit_open: bool) -> None:
+        try:
+            if commit_open and self.step_open:
+                self.end_step()
+            self.step_open = False
+            if (
+                commit_open
+                and self._writer is not None
+                and (self.plan.version != self._collections_version)
+            ):
+                self.write_collections()
+        finally:
+            gpu, self.gpu = self.gpu, None
+            try:
+                if gpu is not None:
+                    gpu.close()
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
+
+
+def write_stop_request(run_dir: str, reason: str, source: str = "hook") -> str:
+    """Writes ``stop_request.json`` into a run: hooks of every rank stop at their next step.
+
+    Returns:
+        The path written.
+
+    """
+    path = os.path.join(os.fspath(run_dir), STOP_REQUEST_NAME)
+    doc = {
+        "reason": reason,
+        "source": source,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        "pid": os.getpid(),
+    }
+    tmp = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_stop_request(run_dir: str, since: float = 0.0) -> Optional[dict]:
+    """The run's stop request, or ``None``. An unreadable file still counts as a request.
+
+    Args:
+        run_dir: The run directory.
+        since: Ignore a request file last modified before this time (seconds since the
+            epoch): it was left by an earlier training of the same directory.
+
+    """
+    path = os.path.join(run_dir, STOP_REQUEST_NAME)
+    try:
+        if since and os.stat(path).st_mtime < since:
+            return None
+        with open(path, encoding="utf-8") as f:
+            raw = f.read(1 << 16)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {"reason": f"stop requested ({path} unreadable)"}
+    try:
+        doc = json.loads(raw)
+        return doc if isinstance(doc, dict) else {"reason": "stop requested"}
+    except ValueError:
+        return {"reason": "stop requested"}
