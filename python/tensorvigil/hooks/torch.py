@@ -3,8 +3,14 @@
 This is the only module of tensorvigil that imports torch at module level; it is loaded when
 ``tv.torch`` is first used.
 
-What is captured when (global step ``s``, opened by the root module's forward pre-hook or by
-:meth:`Hook.step`):
+Steps: a forward pass of the registered (root) module opens a new step when the previous one
+is done: in train mode with a registered optimizer, after its ``opt.step()`` (so
+gradient-accumulation micro-batches share a step); otherwise (no optimizer, eval, predict)
+after each forward pass; and whenever the mode changes. After the first explicit
+:meth:`Hook.step` call, only :meth:`Hook.step` ends steps. A step is committed (visible to
+readers) when the next one opens, at :meth:`Hook.step`, or at :meth:`Hook.close`.
+
+What is captured when (global step ``s``):
 
 - ``weights`` / ``biases``: when step ``s`` opens, i.e. the values the forward pass of step
   ``s`` uses (after ``opt.step()`` of step ``s - 1``).
@@ -256,20 +262,35 @@ class Hook:
 
     @guarded
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
-        s = self._session
-        if not s.step_open:
+        if not self._session.step_open:
             self._begin()
-        elif not self._manual and self._forwards > 0:
+        elif not self._manual and self._step_done():
             self._begin()
         self._forwards += 1
 
+    def _next_mode(self) -> Mode:
+        if self._mode_override is not None:
+            return self._mode_override
+        root = self._root
+        return Mode.TRAIN if (root is None or root.training) else Mode.EVAL
+
+    def _step_done(self) -> bool:
+        """Whether a forward pass now starts a new step (automatic steps).
+
+        A train step ends with its optimizer step, so gradient-accumulation micro-batches
+        share one step; without an optimizer, and in eval/predict, every forward pass is one
+        step. A change of mode also starts a new step.
+        """
+        mode = self._next_mode()
+        if mode != self._session.mode:
+            return True
+        if self._optimizers and mode == Mode.TRAIN:
+            return self._opt_steps > 0
+        return self._forwards > 0
+
     def _begin(self) -> None:
         s = self._session
-        if self._mode_override is not None:
-            mode = self._mode_override
-        else:
-            root = self._root
-            mode = Mode.TRAIN if (root is None or root.training) else Mode.EVAL
+        mode = self._next_mode()
         self._forwards = 0
         self._opt_steps = 0
         s.begin_step(mode)
