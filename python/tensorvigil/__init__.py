@@ -32,13 +32,14 @@ from .errors import (
 )
 from .hooks.base import Collection, SaveConfig
 from .modes import Mode
+from .rules.base import Finding, Needs, Rule, StepView
 from .stats import Stats, compute_stats, compute_stats_many, get_num_threads, set_num_threads
 from .store import Run, StoreWriter, Tensor
 from .store import open_run as open
 
 __version__: str = _core.__version__
 
-_LAZY_MODULES = ("torch", "cuda")
+_LAZY_MODULES = ("torch", "cuda", "rules")
 
 
 def __getattr__(name: str):
@@ -54,13 +55,17 @@ __all__ = [
     "Collection",
     "DataCorruptionError",
     "FailedPreconditionError",
+    "Finding",
     "InvalidArgumentError",
     "Mode",
+    "Needs",
+    "Rule",
     "NotFoundError",
     "Run",
     "SaveConfig",
     "Stats",
     "StepNotAvailableError",
+    "StepView",
     "StoreIOError",
     "StoreWriter",
     "Tensor",

@@ -1,0 +1,333 @@
+"""The rule model: :class:`Rule`, :class:`Needs`, :class:`Finding` and the per-step views.
+
+A rule declares what it needs and evaluates one committed step at a time through a
+:class:`StepView`; it reads only through the reader (statistics from the shard indexes, values
+only when it declared ``values=True``) and never imports a training framework. The engine
+(:mod:`tensorvigil.rules.engine`) feeds steps in order and keeps each rule object alive, so a
+rule keeps its own state between steps in attributes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..modes import Mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..store.reader import Run
+
+SEVERITIES = ("info", "warning", "error")
+
+#: Columns of a :class:`StatsBatch` (statistics of many tensors at one step).
+STAT_COLUMNS = (
+    "numel",
+    "nan",
+    "posinf",
+    "neginf",
+    "zeros",
+    "min",
+    "max",
+    "mean",
+    "var",
+    "std",
+    "l1",
+    "l2",
+    "abs_max",
+)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a rule reads.
+
+    Args:
+        collections: Collections the rule inspects; when none of them has any tensor in the
+            run, the rule reports itself ``not_applicable`` once instead of silently passing.
+        regex: Alternatively, a regular expression that must match some tensor name.
+        values: Whether the rule reads raw tensor values (not only statistics).
+        modes: Modes of the steps the rule wants (default: every mode).
+
+    """
+
+    collections: Sequence[str] = ()
+    regex: Optional[str] = None
+    values: bool = False
+    modes: Optional[Sequence[Mode]] = None
+
+
+@dataclass
+class Finding:
+    """A rule's result at a step.
+
+    ``kind`` is ``"fired"`` (the rule's condition holds), ``"not_applicable"`` (the run lacks
+    what the rule needs) or ``"error"`` (the rule raised; it is then disabled).
+    """
+
+    rule: str
+    step: int
+    message: str
+    severity: str = "warning"
+    mode: str = "train"
+    mode_step: int = -1
+    evidence: dict = field(default_factory=dict)
+    kind: str = "fired"
+    time: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    )
+
+    @property
+    def fired(self) -> bool:
+        """Whether this is a real finding (not ``not_applicable`` or a rule error)."""
+        return self.kind == "fired"
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (the line written to ``findings.jsonl``)."""
+        return {
+            "rule": self.rule,
+            "step": self.step,
+            "mode": self.mode,
+            "mode_step": self.mode_step,
+            "severity": self.severity,
+            "kind": self.kind,
+            "message": self.message,
+            "evidence": _jsonable(self.evidence),
+            "time": self.time,
+        }
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.rule} at step {self.step} ({self.mode}): {self.message}"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        f = float(x)
+        return f if np.isfinite(f) else str(f)
+    if isinstance(x, Mode):
+        return str(x)
+    if x is None or isinstance(x, (str, int, bool)):
+        return x
+    return str(x)
+
+
+class StatsBatch:
+    """Statistics of several tensors (and ranks) at one step, as numpy columns.
+
+    Attributes:
+        names: Tensor name of each row.
+        rank: Rank of each row.
+        numel, nan, posinf, neginf, zeros, min, max, mean, var, std, l1, l2, abs_max: The
+            statistics columns (see :class:`tensorvigil.Stats`).
+        has_value: Whether the values were stored.
+
+    """
+
+    def __init__(self, names: Sequence[str], cols: dict) -> None:
+        self.names = list(names)
+        self._cols = cols
+        for k, v in cols.items():
+            setattr(self, k, v)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        """Iterates over ``(name, rank, row)`` with ``row`` a dict of the statistics."""
+        keys = list(self._cols)
+        for i, n in enumerate(self.names):
+            yield n, int(self._cols["rank"][i]), {k: self._cols[k][i].item() for k in keys}
+
+    def where(self, mask: np.ndarray) -> StatsBatch:
+        """The rows where ``mask`` is true."""
+        idx = np.flatnonzero(mask)
+        return StatsBatch([self.names[i] for i in idx], {k: v[idx] for k, v in self._cols.items()})
+
+    def mean_abs(self) -> np.ndarray:
+        """Mean absolute value of the finite elements of each row (``l1 / finite``)."""
+        finite = self.numel - self.nan - self.posinf - self.neginf
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(finite > 0, self.l1 / np.maximum(finite, 1), np.nan)
+
+    def __repr__(self) -> str:
+        return f"StatsBatch({len(self)} rows)"
+
+
+class StepView:
+    """One committed step of a run, as a rule sees it.
+
+    Attributes:
+        step: Global step.
+        mode: Mode of the step.
+        mode_step: Step within the mode.
+        run: The :class:`tensorvigil.Run` being checked.
+
+    """
+
+    def __init__(
+        self, run: Run, step: int, mode: Mode, mode_step: int, batch: StatsBatch, engine: Any
+    ) -> None:
+        self.run = run
+        self.step = step
+        self.mode = mode
+        self.mode_step = mode_step
+        self._batch = batch
+        self._engine = engine
+        self._index: Optional[dict] = None
+
+    @property
+    def ranks(self) -> list[int]:
+        """Ranks with records at this step."""
+        return sorted({int(r) for r in self._batch.rank})
+
+    def names(self, collection: Optional[str] = None, regex: Optional[str] = None) -> list[str]:
+        """Names of the tensors saved at this step (optionally of a collection / matching)."""
+        return sorted(set(self.batch(collection=collection, regex=regex).names))
+
+    def batch(
+        self,
+        collection: Optional[Union[str, Sequence[str]]] = None,
+        regex: Optional[str] = None,
+        rank: Optional[int] = None,
+        names: Optional[Sequence[str]] = None,
+    ) -> StatsBatch:
+        """Statistics of the tensors at this step, filtered, as numpy columns.
+
+        Args:
+            collection: A collection name or several (union).
+            regex: Keep names matching (``re.search``).
+            rank: Keep one rank.
+            names: Keep these names.
+
+        """
+        b = self._batch
+        if collection is None and regex is None and rank is None and names is None:
+            return b
+        keep = np.ones(len(b), dtype=bool)
+        if rank is not None:
+            keep &= b.rank == rank
+        if collection is not None or names is not None or regex is not None:
+            allowed: Optional[set] = None
+            if collection is not None:
+                allowed = self._engine.collection_names(collection)
+            if names is not None:
+                allowed = set(names) if allowed is None else allowed & set(names)
+            pat = _compile(regex) if regex is not None else None
+            keep &= np.fromiter(
+                (
+                    (allowed is None or n in allowed) and (pat is None or pat.search(n) is not None)
+                    for n in b.names
+                ),
+                dtype=bool,
+                count=len(b),
+            )
+        return b.where(keep)
+
+    def has(self, name: str, rank: int = 0) -> bool:
+        """Whether ``name`` was saved at this step by ``rank``."""
+        return (name, rank) in self._rows()
+
+    def stats(self, name: str, rank: int = 0) -> Any:
+        """Full :class:`tensorvigil.Stats` of ``name`` (with histograms, when stored)."""
+        return self.run.tensor(name).stats(self.step, rank)
+
+    def value(self, name: str, rank: int = 0) -> np.ndarray:
+        """The saved values of ``name`` (rules that read values declare ``values=True``)."""
+        return self.run.tensor(name).value(self.step, rank)
+
+    def row(self, name: str, rank: int = 0) -> Optional[dict]:
+        """The statistics row of ``name`` as a dict, or ``None`` when it was not saved."""
+        i = self._rows().get((name, rank))
+        if i is None:
+            return None
+        return {k: self._batch._cols[k][i].item() for k in self._batch._cols}
+
+    def _rows(self) -> dict:
+        if self._index is None:
+            b = self._batch
+            self._index = {(n, int(r)): i for i, (n, r) in enumerate(zip(b.names, b.rank))}
+        return self._index
+
+    def __repr__(self) -> str:
+        return f"StepView(step={self.step}, mode={self.mode}, tensors={len(self._batch)})"
+
+
+class Rule:
+    """Base class of rules. Subclasses set :attr:`needs` and implement :meth:`evaluate`.
+
+    Parameters are keyword arguments of ``__init__``; the engine calls :meth:`evaluate` for
+    every committed step in order (skipping steps whose mode is not in ``needs.modes``) and
+    keeps the object between steps, so a rule may keep state in attributes.
+
+    Example:
+        >>> class BigLoss(tv.Rule):
+        ...     needs = tv.Needs(collections=["losses"])
+        ...     def evaluate(self, step):
+        ...         b = step.batch(collection="losses")
+        ...         if len(b) and b.max.max() > 100:
+        ...             return self.finding(step, "loss above 100", {"loss": b.max.max()})
+
+    """
+
+    needs: Needs = Needs()
+    severity: str = "warning"
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} got unknown parameter(s): {', '.join(sorted(params))}"
+            )
+
+    @property
+    def name(self) -> str:
+        """The rule's name (its class name)."""
+        return type(self).__name__
+
+    def evaluate(self, step: StepView) -> Union[Finding, Sequence[Finding], None]:
+        """Checks one step; returns a finding (or several) when the condition holds."""
+        raise NotImplementedError(f"{self.name} does not implement evaluate()")
+
+    def finding(
+        self,
+        step: StepView,
+        message: str,
+        evidence: Optional[dict] = None,
+        severity: Optional[str] = None,
+    ) -> Finding:
+        """Builds a fired :class:`Finding` of this rule at ``step``."""
+        return Finding(
+            rule=self.name,
+            step=step.step,
+            mode=str(step.mode),
+            mode_step=step.mode_step,
+            message=message,
+            severity=severity or self.severity,
+            evidence=dict(evidence or {}),
+        )
+
+    def params(self) -> dict:
+        """The rule's parameters (public attributes set in ``__init__``)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{self.name}({args})"
+
+
+def _compile(regex: str) -> re.Pattern:
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise InvalidArgumentError(f"bad regular expression {regex!r}: {e}") from None

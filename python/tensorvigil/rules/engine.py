@@ -1,0 +1,271 @@
+"""The rule engine: evaluates rules over a run's committed steps, in order, incrementally.
+
+The same engine runs offline (``tensorvigil check``), in a watcher process (``tensorvigil
+watch``) and inside a training process (the hook's background thread). Each call of
+:meth:`RuleEngine.poll` reads what the writers appended since the last call and evaluates only
+the newly completed steps; statistics for all of them come from the shard indexes in one
+columnar query, so no old step is ever rescanned and no payload is decompressed unless a rule
+asks for values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..modes import Mode
+from .base import Finding, Rule, StatsBatch, StepView, _compile
+
+logger = logging.getLogger("tensorvigil")
+
+FINDINGS_NAME = "findings.jsonl"
+
+Action = Callable[[Finding], Any]
+
+
+class RuleEngine:
+    """Evaluates rules over the committed steps of a run.
+
+    Args:
+        run: A :class:`tensorvigil.Run` or a run directory.
+        rules: Rule objects (each keeps its state between steps).
+        actions: Called with every finding (fired, not applicable or rule error), after it is
+            recorded. An action that raises is logged and otherwise ignored.
+        record: Append findings to the run's ``findings.jsonl``.
+        start_step: Evaluate steps from this one (default: the first).
+
+    Example:
+        >>> engine = RuleEngine("runs/exp1", tv.rules.defaults())
+        >>> for f in engine.poll():
+        ...     print(f)
+
+    """
+
+    def __init__(
+        self,
+        run: Any,
+        rules: Sequence[Rule],
+        *,
+        actions: Sequence[Action] = (),
+        record: bool = True,
+        start_step: int = 0,
+    ) -> None:
+        from ..store.reader import Run
+
+        self.run = run if isinstance(run, Run) else Run(run)
+        rules = list(rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise InvalidArgumentError(f"rules must be tv.Rule objects, got {r!r}")
+        self.rules = rules
+        self.actions = list(actions)
+        self.record = record
+        self.last_step = start_step - 1
+        self.findings: list[Finding] = []
+        self.steps_evaluated = 0
+        self._disabled: set[int] = set()
+        self._unmet_reported: set[int] = set()
+        self._collections: dict[str, set[str]] = {}
+        self._collections_mtime: Optional[float] = None
+        self._lock = threading.Lock()
+
+    # -- collections ---------------------------------------------------------------------------
+
+    def collection_names(self, collection: Union[str, Sequence[str]]) -> set[str]:
+        """Names of the tensors of one collection or several (union)."""
+        if isinstance(collection, str):
+            return self._collections.get(collection, set())
+        out: set[str] = set()
+        for c in collection:
+            out |= self._collections.get(c, set())
+        return out
+
+    def _refresh_collections(self) -> None:
+        path = os.path.join(self.run.path, "collections.json")
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._collections_mtime:
+            return
+        self._collections = {k: set(v) for k, v in self.run.collections().items()}
+        self._collections_mtime = mtime
+
+    def _needs_met(self, rule: Rule, names: Sequence[str]) -> bool:
+        needs = rule.needs
+        if not needs.collections and needs.regex is None:
+            return True
+        if needs.collections and self.collection_names(needs.collections):
+            return True
+        if needs.regex is not None:
+            pat = _compile(needs.regex)
+            return any(pat.search(n) for n in names)
+        return False
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def poll(self) -> list[Finding]:
+        """Evaluates the steps completed since the last call; returns their findings."""
+        with self._lock:
+            self.run.refresh()
+            steps = [s for s in self.run.steps() if s > self.last_step]
+            if not steps:
+                return []
+            self._refresh_collections()
+            out: list[Finding] = []
+            for view in self._views(steps):
+                out.extend(self._evaluate(view))
+                self.last_step = view.step
+                self.steps_evaluated += 1
+            return out
+
+    def _views(self, steps: list[int]) -> Iterator[StepView]:
+        r = self.run._r
+        names = r.names()
+        cols = r.stats_columns(
+            name_ids=[], ranks=[], step_min=steps[0], step_max=steps[-1], mode=-1
+        )
+        step_col = cols["step"]
+        order = np.argsort(step_col, kind="stable")
+        cols = {k: v[order] for k, v in cols.items()}
+        step_col = cols["step"]
+        wanted = np.asarray(steps, dtype=np.int64)
+        lo = np.searchsorted(step_col, wanted, side="left")
+        hi = np.searchsorted(step_col, wanted, side="right")
+        commits = r.commits()
+        modes = {}
+        for s, m, ms in zip(
+            commits["step"].tolist(), commits["mode"].tolist(), commits["mode_step"].tolist()
+        ):
+            modes.setdefault(s, (m, ms))
+        name_ids = cols.pop("name_id")
+        for s, a, b in zip(steps, lo.tolist(), hi.tolist()):
+            part = {k: v[a:b] for k, v in cols.items()}
+            batch = StatsBatch([names[i] for i in name_ids[a:b].tolist()], part)
+            m, ms = modes.get(s, (0, s))
+            yield StepView(self.run, s, Mode(m), ms, batch, self)
+
+    def _evaluate(self, view: StepView) -> list[Finding]:
+        out: list[Finding] = []
+        for i, rule in enumerate(self.rules):
+            if i in self._disabled:
+                continue
+            needs = rule.needs
+            if needs.modes is not None and view.mode not in needs.modes:
+                continue
+            if not self._needs_met(rule, view._batch.names):
+                if i not in self._unmet_reported:
+                    self._unmet_reported.add(i)
+                    what = ", ".join(needs.collections) if needs.collections else needs.regex
+                    out.append(
+                        self._emit(
+                            Finding(
+                                rule=rule.name,
+                                step=view.step,
+                                mode=str(view.mode),
+                                mode_step=view.mode_step,
+                                severity="info",
+                                kind="not_applicable",
+                                message=f"not applicable: the run has no tensors of {what}",
+                                evidence={"needs": what},
+                            )
+                        )
+                    )
+                continue
+            try:
+                res = rule.evaluate(view)
+            except Exception as e:  # noqa: BLE001 - a broken rule must not stop the others
+                self._disabled.add(i)
+                tb = traceback.format_exception_only(type(e), e)[-1].strip()
+                out.append(
+                    self._emit(
+                        Finding(
+                            rule=rule.name,
+                            step=view.step,
+                            mode=str(view.mode),
+                            mode_step=view.mode_step,
+                            severity="error",
+                            kind="error",
+                            message=f"rule raised and was disabled: {tb}",
+                            evidence={"exception": type(e).__name__},
+                        )
+                    )
+                )
+                continue
+            if res is None:
+                continue
+            for f in [res] if isinstance(res, Finding) else list(res):
+                out.append(self._emit(f))
+        return out
+
+    def _emit(self, f: Finding) -> Finding:
+        self.findings.append(f)
+        if self.record:
+            append_finding(self.run.path, f)
+        for action in self.actions:
+            try:
+                action(f)
+            except Exception:  # noqa: BLE001 - actions never break evaluation
+                logger.exception("tensorvigil: rule action %r failed", action)
+        return f
+
+    # -- loops ---------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        *,
+        timeout: Optional[float] = None,
+        poll_interval: float = 0.2,
+        stop: Optional[threading.Event] = None,
+    ) -> Iterator[Finding]:
+        """Evaluates new steps as they are committed, yielding findings.
+
+        Returns when every rank's writer closed its stream, when ``stop`` is set, or after
+        ``timeout`` seconds without a new step.
+        """
+        last_new = time.monotonic()
+        while True:
+            before = self.last_step
+            yield from self.poll()
+            if self.last_step != before:
+                last_new = time.monotonic()
+            ranks = self.run.ranks()
+            if ranks and all(self.run._r.ended(r) for r in ranks):
+                yield from self.poll()
+                return
+            if stop is not None and stop.is_set():
+                return
+            if timeout is not None and time.monotonic() - last_new > timeout:
+                return
+            if stop is not None:
+                stop.wait(poll_interval)
+            else:
+                time.sleep(poll_interval)
+
+
+def append_finding(run_dir: str, f: Finding) -> None:
+    """Appends one finding to ``findings.jsonl`` (one write call per line)."""
+    import json
+
+    line = json.dumps(f.to_json(), allow_nan=False) + "\n"
+    fd = os.open(
+        os.path.join(run_dir, FINDINGS_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+    )
+    try:
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def evaluate_run(
+    run: Any, rules: Iterable[Rule], *, record: bool = True, actions: Sequence[Action] = ()
+) -> list[Finding]:
+    """Evaluates ``rules`` over every committed step of ``run`` (offline check)."""
+    return RuleEngine(run, list(rules), record=record, actions=actions).poll()
