@@ -8,6 +8,7 @@ void init_errors(py::module_& m);
 void init_device(py::module_& m);
 void init_stats(py::module_& m);
 void init_store(py::module_& m);
+void init_cuda(py::module_& m);
 }  // namespace tensorvigil::py_bind
 
 PYBIND11_MODULE(_core, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(_core, m) {
   tensorvigil::py_bind::init_device(m);
   tensorvigil::py_bind::init_stats(m);
   tensorvigil::py_bind::init_store(m);
+  tensorvigil::py_bind::init_cuda(m);
 }

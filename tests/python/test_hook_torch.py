@@ -449,3 +449,76 @@ def test_import_tensorvigil_does_not_import_torch_until_tv_torch():
         "assert 'torch' not in sys.modules; tv.torch.Hook; assert 'torch' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- in-process rules ---------------------------------------------------------------------------
+
+
+class LossAbove(tv.Rule):
+    needs = tv.Needs(collections=["losses"])
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def evaluate(self, step):
+        b = step.batch(collection="losses")
+        if len(b) and b.max.max() > self.limit:
+            return self.finding(step, f"loss above {self.limit}", {"loss": b.max.max()})
+        return None
+
+
+class Broken(tv.Rule):
+    def evaluate(self, step):
+        raise RuntimeError("bug in a custom rule")
+
+
+def test_in_process_rule_stops_training(tmp_run):
+    import time
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hook = tv.torch.Hook(
+        tmp_run,
+        collections=["losses"],
+        save=tv.SaveConfig(),
+        rules=[Broken(), LossAbove(100.0)],
+        on_finding="stop",
+        strict=True,
+    ).register(model, opt)
+    fired_at = None
+    deadline = time.monotonic() + 60
+    with pytest.raises(tv.TrainingStopped, match="LossAbove fired at step"), hook:
+        for i in range(100000):
+            assert time.monotonic() < deadline, "the stop never came"
+            loss = model(torch.randn(2, 6)).sum() * 0 + (1000.0 if i >= 5 else 1.0)
+            hook.record_loss(loss)
+            opt.step()
+            if i >= 5 and fired_at is None:
+                fired_at = i
+            time.sleep(0.005)
+    kinds = {(f.rule, f.kind) for f in hook.findings}
+    assert ("Broken", "error") in kinds and ("LossAbove", "fired") in kinds
+    recorded = tv.open(tmp_run).findings()
+    first = next(f for f in recorded if f["rule"] == "LossAbove")
+    assert first["step"] == 5 and first["evidence"]["loss"] == 1000.0
+    assert any(f["rule"] == "Broken" and "bug in a custom rule" in f["message"] for f in recorded)
+
+
+def test_on_finding_callback_and_bad_value(tmp_run):
+    with pytest.raises(tv.InvalidArgumentError, match="on_finding"):
+        tv.torch.Hook(tmp_run, on_finding="shout")
+    seen = []
+    model = mlp()
+    hook = tv.torch.Hook(
+        tmp_run,
+        collections=["losses"],
+        save=tv.SaveConfig(),
+        rules=[LossAbove(0.5)],
+        on_finding=seen.append,
+        strict=True,
+    ).register(model)
+    with hook:
+        for i in range(3):
+            model(torch.randn(2, 6))
+            hook.record_loss(float(i))
+    assert [f.step for f in seen] == [1, 2]  # evaluated at the latest at close

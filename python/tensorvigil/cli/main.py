@@ -1,4 +1,4 @@
-"""``tensorvigil`` command line: ``demo``, ``ls``, ``stats``.
+"""``tensorvigil`` command line: ``demo``, ``ls``, ``stats``, ``check``, ``watch``.
 
 Errors are one clear line on stderr and a non-zero exit code.
 """
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--end", type=int, default=None, help="exclusive")
     st.add_argument("--limit", type=int, default=200, help="rows to print")
     st.set_defaults(func=cmd_stats)
+
+    from .rules_cmd import add_parsers
+
+    add_parsers(sub)
     return p
 
 

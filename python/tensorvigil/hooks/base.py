@@ -541,6 +541,8 @@ class CaptureSession:
         self._stop_checked = 0.0
         self._started = time.time()  # stop requests older than this belong to an earlier run
         self.gpu: Any = None  # GPU capture path, attached by the framework module when used
+        self._rules: Optional[RulesThread] = None
+        self._rule_spec: Optional[tuple] = None
         _LIVE.add(self)
 
     # -- writer ----------------------------------------------------------------------------
@@ -595,12 +597,16 @@ class CaptureSession:
         self.step_open = False
         if self._wrote:
             self._wrote = False
+            if self._rule_spec is not None and self._rules is None and self.rank == 0:
+                self._rules = RulesThread(self.out_dir, *self._rule_spec)
             if self.gpu is not None:
                 self.gpu.commit(self.step, int(self.mode), self.mode_step)
             else:
                 self.writer().commit(self.step, mode=self.mode, mode_step=self.mode_step)
             if self.plan.version != self._collections_version:
                 self.write_collections()
+            if self._rules is not None:
+                self._rules.notify()
 
     @property
     def saving(self) -> bool:
@@ -655,6 +661,39 @@ class CaptureSession:
         if not self._saving or name in self._written:
             return False
         return self.plan.decide(self.plan.members(name, kind, tags, module)) is not None
+
+    def attach_rules(self, rules: Sequence[Any], on_finding: Any) -> None:
+        """Evaluates ``rules`` on a background thread as steps are committed (rank 0 only).
+
+        Args:
+            rules: :class:`tensorvigil.Rule` objects.
+            on_finding: ``"warn"`` (log), ``"stop"`` (log and stop training at the next step
+                boundary) or a callable receiving each fired finding.
+
+        """
+        from ..rules import actions as A
+        from ..rules.base import Rule
+
+        rules = list(rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise InvalidArgumentError(f"rules must hold tv.Rule objects, got {r!r}")
+        acts: list = [A.Log()]
+        if on_finding == "stop":
+            acts.append(A.StopTraining(request=self.request_stop))
+        elif callable(on_finding):
+            acts.append(A.Callback(on_finding))
+        elif on_finding != "warn":
+            raise InvalidArgumentError(
+                f"on_finding must be 'warn', 'stop' or a callable, got {on_finding!r}"
+            )
+        if rules:
+            self._rule_spec = (rules, acts)
+
+    @property
+    def findings(self) -> list:
+        """Findings of the in-process rules so far."""
+        return list(self._rules.engine.findings) if self._rules and self._rules.engine else []
 
     # -- side files ------------------------------------------------------------------------
 
@@ -754,8 +793,64 @@ class CaptureSession:
                 if gpu is not None:
                     gpu.close()
             finally:
-                if self._writer is not None:
-                    self._writer.close()
+                try:
+                    if self._writer is not None:
+                        self._writer.close()
+                finally:
+                    if self._rules is not None:
+                        self._rules.close(final=commit_open)
+
+
+class RulesThread:
+    """Runs a :class:`~tensorvigil.rules.engine.RuleEngine` over the hook's own run.
+
+    Woken after each commit (and polling every ``interval`` seconds, since commits reach the
+    file on the writer's thread); a final pass at close evaluates the last steps.
+    """
+
+    def __init__(self, run_dir: str, rules: list, actions: list, interval: float = 0.25) -> None:
+        self.run_dir = run_dir
+        self.rules = rules
+        self.actions = actions
+        self.interval = interval
+        self.engine: Any = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tv-rules", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        """A step was committed."""
+        self._wake.set()
+
+    def _poll(self) -> None:
+        if self.engine is None:
+            from ..rules.engine import RuleEngine
+
+            self.engine = RuleEngine(self.run_dir, self.rules, actions=self.actions)
+        self.engine.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001 - rules never break training
+                logger.exception("tensorvigil: in-process rule evaluation failed")
+
+    def close(self, final: bool = True, timeout: float = 30.0) -> None:
+        """Stops the thread; with ``final``, evaluates the steps committed last."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if final:
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001
+                logger.exception("tensorvigil: final rule evaluation failed")
 
 
 def write_stop_request(run_dir: str, reason: str, source: str = "hook") -> str:

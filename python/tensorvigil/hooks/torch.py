@@ -102,6 +102,10 @@ class Hook:
             objects (default ``weights``, ``biases``, ``gradients``, ``losses``, ``metrics``).
         save: When to save (default every 10th step of each mode); collections may override.
         reductions_only: Store statistics only, no tensor values (collections may override).
+        rules: Rules evaluated during training on a background thread of rank 0 (e.g.
+            ``tv.rules.defaults()``); findings go to the run's ``findings.jsonl``.
+        on_finding: ``"warn"`` (log each finding), ``"stop"`` (log, then raise
+            :class:`TrainingStopped` at the next step boundary) or a callable(finding).
         strict: Raise errors from the hook instead of logging once and disabling capture.
         ranks: ``"all"``: every rank writes its own stream; ``"zero"``: only rank 0 writes.
         hist_bins: Fixed-bin histogram stored with each tensor's statistics (0: none).
@@ -131,6 +135,8 @@ class Hook:
         collections: Optional[Sequence[Union[str, Collection]]] = None,
         save: Optional[SaveConfig] = None,
         reductions_only: bool = False,
+        rules: Optional[Sequence[Any]] = None,
+        on_finding: Any = "warn",
         *,
         strict: bool = False,
         ranks: str = "all",
@@ -157,6 +163,7 @@ class Hook:
             exp_hist=exp_hist,
             writer_options=opts,
         )
+        self._session.attach_rules(rules or [], on_finding)
         self._handles: list[Any] = []
         self._root: Optional[nn.Module] = None
         self._params: list[tuple[str, nn.Parameter, str]] = []
@@ -471,6 +478,11 @@ class Hook:
     def request_stop(self, reason: str = "stop requested") -> None:
         """Stops training at the next step boundary (raising :class:`TrainingStopped`)."""
         self._session.request_stop(reason)
+
+    @property
+    def findings(self) -> list:
+        """Findings raised so far by the hook's in-process rules."""
+        return self._session.findings
 
     @property
     def disabled(self) -> bool:

@@ -216,6 +216,31 @@ class RuleEngine:
                 logger.exception("tensorvigil: rule action %r failed", action)
         return f
 
+    def check_idle(self, now: Optional[float] = None) -> list[Finding]:
+        """Lets rules that watch time (``check_idle(now)``) report while no step arrives."""
+        now = time.time() if now is None else now
+        out: list[Finding] = []
+        with self._lock:
+            for i, rule in enumerate(self.rules):
+                fn = getattr(rule, "check_idle", None)
+                if fn is None or i in self._disabled:
+                    continue
+                try:
+                    res = fn(now)
+                except Exception as e:  # noqa: BLE001 - same isolation as evaluate()
+                    self._disabled.add(i)
+                    res = Finding(
+                        rule=rule.name,
+                        step=max(self.last_step, 0),
+                        severity="error",
+                        kind="error",
+                        message=f"rule raised and was disabled: {type(e).__name__}: {e}",
+                    )
+                if res is not None:
+                    for f in [res] if isinstance(res, Finding) else list(res):
+                        out.append(self._emit(f))
+        return out
+
     # -- loops ---------------------------------------------------------------------------------
 
     def watch(
@@ -236,6 +261,8 @@ class RuleEngine:
             yield from self.poll()
             if self.last_step != before:
                 last_new = time.monotonic()
+            else:
+                yield from self.check_idle()
             ranks = self.run.ranks()
             if ranks and all(self.run._r.ended(r) for r in ranks):
                 yield from self.poll()
