@@ -613,6 +613,33 @@ class CaptureSession:
         """Whether any collection saves the open step."""
         return self._saving and not self.disabled
 
+    def _claim(self, name: str, kind: str, tags: frozenset, module: str) -> Optional[tuple]:
+        """The save decision for ``name`` now, marking it written; ``None``: do not save."""
+        if not self._saving or name in self._written:
+            return None
+        plan = self.plan
+        members = plan.members(name, kind, tags, module)
+        d = plan.decide(members)
+        if d is None:
+            return None
+        if name not in plan._noted:
+            plan.note_saved(name, kind, tags, members)
+        self._written.add(name)
+        self._wrote = True
+        return d
+
+    def _write(self, name: str, value: Any, d: tuple) -> None:
+        self.writer().write(
+            name,
+            self.step,
+            value,
+            mode=self.mode,
+            mode_step=self.mode_step,
+            stats_only=d[0],
+            hist_bins=d[1],
+            exp_hist=self.exp_hist,
+        )
+
     def save(
         self,
         name: str,
@@ -626,35 +653,33 @@ class CaptureSession:
         A name is saved at most once per step (the first value wins). Returns whether it was
         saved.
         """
-        if not self._saving or name in self._written:
-            return False
-        plan = self.plan
-        members = plan.members(name, kind, tags, module)
-        d = plan.decide(members)
+        d = self._claim(name, kind, tags, module)
         if d is None:
             return False
-        if name not in plan._noted:
-            plan.note_saved(name, kind, tags, members)
-        self._written.add(name)
-        self._wrote = True
-        stats_only, bins = d
-        gpu = self.gpu
-        if gpu is not None and getattr(value, "is_cuda", False):
-            gpu.save(
-                name, self.step, self.mode, self.mode_step, value, stats_only, bins, self.exp_hist
+        if self.gpu is not None and getattr(value, "is_cuda", False):
+            self.gpu.submit(
+                self.step, self.mode, self.mode_step, [(name, value, *d)], self.exp_hist
             )
-            return True
-        self.writer().write(
-            name,
-            self.step,
-            value,
-            mode=self.mode,
-            mode_step=self.mode_step,
-            stats_only=stats_only,
-            hist_bins=bins,
-            exp_hist=self.exp_hist,
-        )
+        else:
+            self._write(name, value, d)
         return True
+
+    def save_many(self, entries: Sequence[tuple[str, str, Any]]) -> None:
+        """Saves several ``(name, kind, value)`` at once: device tensors in one GPU launch."""
+        if not self._saving:
+            return
+        gpu_items = []
+        gpu = self.gpu
+        for name, kind, value in entries:
+            d = self._claim(name, kind, frozenset(), "")
+            if d is None:
+                continue
+            if gpu is not None and getattr(value, "is_cuda", False):
+                gpu_items.append((name, _device_ready(value), *d))
+            else:
+                self._write(name, value, d)
+        if gpu_items:
+            gpu.submit(self.step, self.mode, self.mode_step, gpu_items, self.exp_hist)
 
     def wants(self, name: str, kind: str, tags: frozenset = frozenset(), module: str = "") -> bool:
         """Whether :meth:`save` would save ``name`` now (to skip expensive preparation)."""
@@ -799,6 +824,15 @@ class CaptureSession:
                 finally:
                     if self._rules is not None:
                         self._rules.close(final=commit_open)
+
+
+def _device_ready(t: Any) -> Any:
+    """A detached, contiguous version of a device tensor (the GPU path reads raw memory)."""
+    if hasattr(t, "detach"):
+        t = t.detach()
+    if hasattr(t, "is_contiguous") and not t.is_contiguous():
+        t = t.contiguous()
+    return t
 
 
 class RulesThread:

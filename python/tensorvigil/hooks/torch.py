@@ -303,8 +303,7 @@ class Hook:
         s.begin_step(mode)
         if s.saving:
             self._check_gpu()
-            for name, p, kind in self._params:
-                s.save(name, kind, p)
+            s.save_many([(name, kind, p.detach()) for name, p, kind in self._params])
 
     def _check_gpu(self) -> None:
         if self._gpu_checked:
@@ -315,7 +314,7 @@ class Hook:
         from .. import cuda as tv_cuda
 
         if tv_cuda.cuda_available():
-            self._session.gpu = tv_cuda.HookGpuPath(self._session.writer())
+            self._session.gpu = tv_cuda.GpuCapture(self._session.writer())
         else:
             logger.info(
                 "tensorvigil: CUDA tensors are copied to the host for statistics (this build "
@@ -333,10 +332,13 @@ class Hook:
         self._opt_steps += 1
         if not s.saving:
             return
-        for name, p, _ in self._params:
-            g = p.grad
-            if g is not None:
-                s.save(name + "/grad", "gradients", g)
+        s.save_many(
+            [
+                (name + "/grad", "gradients", p.grad)
+                for name, p, _ in self._params
+                if p.grad is not None
+            ]
+        )
 
     @guarded
     def _on_opt_post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
