@@ -91,7 +91,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         acts.append(actions.Webhook(args.webhook, timeout=args.webhook_timeout))
     if args.stop:
         acts.append(actions.StopTraining(run_dir=args.run))
-    engine = RuleEngine(args.run, rules, actions=acts)
+    engine = RuleEngine(_wait_for_run(args.run, args.timeout, args.poll), rules, actions=acts)
     if not args.json:
         print(f"watching {args.run} with {', '.join(r.name for r in rules)}", flush=True)
     findings = []
@@ -104,6 +104,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
         if isinstance(a, actions.Webhook):
             a.flush()
     return _summary(findings, engine.steps_evaluated, args.json)
+
+
+def _wait_for_run(path: str, timeout: Any, poll: float) -> Any:
+    """Opens ``path``, waiting (up to ``timeout`` s) for a training to create it."""
+    import time
+
+    from ..errors import NotFoundError
+    from ..store.reader import Run
+
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return Run(path)
+        except NotFoundError:
+            if end is not None and time.monotonic() > end:
+                raise
+            time.sleep(poll)
 
 
 def add_parsers(sub: Any) -> None:

@@ -77,9 +77,7 @@ class Finding:
     mode_step: int = -1
     evidence: dict = field(default_factory=dict)
     kind: str = "fired"
-    time: str = field(
-        default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    )
+    time: str = field(default_factory=lambda: _now_iso())
 
     @property
     def fired(self) -> bool:
@@ -102,6 +100,10 @@ class Finding:
 
     def __str__(self) -> str:
         return f"[{self.severity}] {self.rule} at step {self.step} ({self.mode}): {self.message}"
+
+
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _jsonable(x: Any) -> Any:
@@ -319,7 +321,11 @@ class Rule:
 
     def params(self) -> dict:
         """The rule's parameters (public attributes set in ``__init__``)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and k not in ("needs", "severity")
+        }
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
