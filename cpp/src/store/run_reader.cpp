@@ -99,6 +99,10 @@ struct RunReader::Impl {
   std::vector<std::string> names;
   std::unordered_map<std::string, uint32_t> name_ids;
   std::vector<RecordInfo> records;
+  // step_prefix_max[i] = max step of records[0..i]: non-decreasing, so a query for steps >=
+  // s skips, by binary search, every record before the first that can match (steps mostly
+  // grow with the record index, so incremental queries touch only the newest records).
+  std::vector<int64_t> step_prefix_max;
   std::unordered_map<Key, std::size_t, KeyHash> by_key;
   std::vector<StepInfo> commits;
   std::vector<std::string> shard_paths;
@@ -160,6 +164,9 @@ struct RunReader::Impl {
             records[found->second] = std::move(*p);
           } else {
             by_key.emplace(k, records.size());
+            int64_t pm = step_prefix_max.empty() ? p->step
+                                                 : std::max(step_prefix_max.back(), p->step);
+            step_prefix_max.push_back(pm);
             records.push_back(std::move(*p));
           }
         }
@@ -378,8 +385,10 @@ std::vector<std::size_t> RunReader::select(const Selection& sel) const {
   mark(want_name, sel.name_ids);
   mark(want_rank, sel.ranks);
   std::vector<std::size_t> out;
-  out.reserve(sel.name_ids.empty() ? recs.size() : 0);
-  for (std::size_t i = 0; i < recs.size(); ++i) {
+  const auto& pm = impl_->step_prefix_max;
+  std::size_t first = static_cast<std::size_t>(
+      std::lower_bound(pm.begin(), pm.end(), sel.step_min) - pm.begin());
+  for (std::size_t i = first; i < recs.size(); ++i) {
     const RecordInfo& r = recs[i];
     if (!sel.name_ids.empty() && (r.name_id >= want_name.size() || !want_name[r.name_id])) continue;
     if (!sel.ranks.empty() && (r.rank >= want_rank.size() || !want_rank[r.rank])) continue;

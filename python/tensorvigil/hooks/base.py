@@ -599,12 +599,13 @@ class CaptureSession:
             self._wrote = False
             if self._rule_spec is not None and self._rules is None and self.rank == 0:
                 self._rules = RulesThread(self.out_dir, *self._rule_spec)
+            # collections.json first: a reader that sees the commit also sees the names' collections
+            if self.plan.version != self._collections_version:
+                self.write_collections()
             if self.gpu is not None:
                 self.gpu.commit(self.step, int(self.mode), self.mode_step)
             else:
                 self.writer().commit(self.step, mode=self.mode, mode_step=self.mode_step)
-            if self.plan.version != self._collections_version:
-                self.write_collections()
             if self._rules is not None:
                 self._rules.notify()
 

@@ -218,7 +218,8 @@ class Hook:
         self._inner = inner
         plan = self._session.plan
         for name, p in inner.named_parameters():
-            kind = "biases" if name.rsplit(".", 1)[-1].startswith("bias") else "weights"
+            # "bias", "bias_ih_l0", "in_proj_bias" ... are biases; everything else a weight
+            kind = "biases" if "bias" in name.rsplit(".", 1)[-1] else "weights"
             self._params.append((name, p, kind))
             self._param_names[id(p)] = name
         self._handles.append(model.register_forward_pre_hook(self._on_root_forward))

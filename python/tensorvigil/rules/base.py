@@ -128,34 +128,72 @@ def _jsonable(x: Any) -> Any:
 class StatsBatch:
     """Statistics of several tensors (and ranks) at one step, as numpy columns.
 
+    Columns are sliced from the engine's query lazily, on first access.
+
     Attributes:
         names: Tensor name of each row.
+        name_id: The run's id of each name (an index into the run's name table).
         rank: Rank of each row.
+        step, mode, mode_step, wall_time: Record metadata of each row.
         numel, nan, posinf, neginf, zeros, min, max, mean, var, std, l1, l2, abs_max: The
             statistics columns (see :class:`tensorvigil.Stats`).
         has_value: Whether the values were stored.
 
     """
 
-    def __init__(self, names: Sequence[str], cols: dict) -> None:
-        self.names = list(names)
-        self._cols = cols
-        for k, v in cols.items():
-            setattr(self, k, v)
+    def __init__(
+        self,
+        names: Optional[Sequence[str]],
+        cols: dict,
+        lo: int = 0,
+        hi: Optional[int] = None,
+        name_table: Optional[Sequence[str]] = None,
+    ) -> None:
+        self._all = cols
+        self._lo = lo
+        self._hi = len(cols["rank"]) if hi is None else hi
+        self._names = None if names is None else list(names)
+        self._name_table = name_table
+
+    def _col(self, key: str) -> np.ndarray:
+        v = self._all[key][self._lo : self._hi]
+        self.__dict__[key] = v  # later accesses skip __getattr__
+        return v
+
+    def __getattr__(self, key: str) -> np.ndarray:
+        if key.startswith("_") or key not in self._all:
+            raise AttributeError(key)
+        return self._col(key)
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor name of each row."""
+        if self._names is None:
+            table = self._name_table
+            self._names = [table[i] for i in self.name_id.tolist()]
+        return self._names
+
+    @property
+    def columns(self) -> list[str]:
+        """Names of the numpy columns."""
+        return list(self._all)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return self._hi - self._lo
 
     def __iter__(self):
         """Iterates over ``(name, rank, row)`` with ``row`` a dict of the statistics."""
-        keys = list(self._cols)
+        keys = [k for k in self._all if k != "name_id"]
+        cols = {k: getattr(self, k) for k in keys}
         for i, n in enumerate(self.names):
-            yield n, int(self._cols["rank"][i]), {k: self._cols[k][i].item() for k in keys}
+            yield n, int(cols["rank"][i]), {k: cols[k][i].item() for k in keys}
 
     def where(self, mask: np.ndarray) -> StatsBatch:
         """The rows where ``mask`` is true."""
         idx = np.flatnonzero(mask)
-        return StatsBatch([self.names[i] for i in idx], {k: v[idx] for k, v in self._cols.items()})
+        cols = {k: getattr(self, k)[idx] for k in self._all}
+        names = None if self._names is None else [self._names[i] for i in idx]
+        return StatsBatch(names, cols, name_table=self._name_table)
 
     def mean_abs(self) -> np.ndarray:
         """Mean absolute value of the finite elements of each row (``l1 / finite``)."""
@@ -220,21 +258,11 @@ class StepView:
         keep = np.ones(len(b), dtype=bool)
         if rank is not None:
             keep &= b.rank == rank
-        if collection is not None or names is not None or regex is not None:
-            allowed: Optional[set] = None
-            if collection is not None:
-                allowed = self._engine.collection_names(collection)
-            if names is not None:
-                allowed = set(names) if allowed is None else allowed & set(names)
-            pat = _compile(regex) if regex is not None else None
-            keep &= np.fromiter(
-                (
-                    (allowed is None or n in allowed) and (pat is None or pat.search(n) is not None)
-                    for n in b.names
-                ),
-                dtype=bool,
-                count=len(b),
-            )
+        if collection is not None or regex is not None:
+            keep &= self._engine.name_mask(collection, regex)[b.name_id]
+        if names is not None:
+            allowed = set(names)
+            keep &= np.fromiter((n in allowed for n in b.names), dtype=bool, count=len(b))
         return b.where(keep)
 
     def has(self, name: str, rank: int = 0) -> bool:
@@ -254,7 +282,8 @@ class StepView:
         i = self._rows().get((name, rank))
         if i is None:
             return None
-        return {k: self._batch._cols[k][i].item() for k in self._batch._cols}
+        b = self._batch
+        return {k: getattr(b, k)[i].item() for k in b.columns if k != "name_id"}
 
     def _rows(self) -> dict:
         if self._index is None:

@@ -74,6 +74,8 @@ class RuleEngine:
         self._unmet_reported: set[int] = set()
         self._collections: dict[str, set[str]] = {}
         self._collections_mtime: Optional[float] = None
+        self._masks: dict = {}
+        self._names: list[str] = []
         self._lock = threading.Lock()
 
     # -- collections ---------------------------------------------------------------------------
@@ -87,6 +89,36 @@ class RuleEngine:
             out |= self._collections.get(c, set())
         return out
 
+    def name_mask(
+        self, collection: Union[str, Sequence[str], None] = None, regex: Optional[str] = None
+    ) -> np.ndarray:
+        """Boolean mask over the run's name ids: names in ``collection`` and matching ``regex``.
+
+        Cached; extended incrementally as new names appear.
+        """
+        key = (
+            collection if isinstance(collection, (str, type(None))) else tuple(collection),
+            regex,
+        )
+        names = self._names
+        m = self._masks.get(key)
+        if m is not None and len(m) == len(names):
+            return m
+        start = 0 if m is None else len(m)
+        allowed = None if collection is None else self.collection_names(collection)
+        pat = None if regex is None else _compile(regex)
+        ext = np.fromiter(
+            (
+                (allowed is None or n in allowed) and (pat is None or pat.search(n) is not None)
+                for n in names[start:]
+            ),
+            dtype=bool,
+            count=len(names) - start,
+        )
+        m = ext if m is None else np.concatenate([m, ext])
+        self._masks[key] = m
+        return m
+
     def _refresh_collections(self) -> None:
         path = os.path.join(self.run.path, "collections.json")
         try:
@@ -97,16 +129,16 @@ class RuleEngine:
             return
         self._collections = {k: set(v) for k, v in self.run.collections().items()}
         self._collections_mtime = mtime
+        self._masks.clear()
 
-    def _needs_met(self, rule: Rule, names: Sequence[str]) -> bool:
+    def _needs_met(self, rule: Rule) -> bool:
         needs = rule.needs
         if not needs.collections and needs.regex is None:
             return True
         if needs.collections and self.collection_names(needs.collections):
             return True
         if needs.regex is not None:
-            pat = _compile(needs.regex)
-            return any(pat.search(n) for n in names)
+            return bool(self.name_mask(regex=needs.regex).any())
         return False
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -115,40 +147,60 @@ class RuleEngine:
         """Evaluates the steps completed since the last call; returns their findings."""
         with self._lock:
             self.run.refresh()
-            steps = [s for s in self.run.steps() if s > self.last_step]
+            steps, modes = self._new_steps()
             if not steps:
                 return []
             self._refresh_collections()
+            self._names = self.run._r.names()
             out: list[Finding] = []
-            for view in self._views(steps):
+            for view in self._views(steps, modes):
                 out.extend(self._evaluate(view))
                 self.last_step = view.step
                 self.steps_evaluated += 1
             return out
 
-    def _views(self, steps: list[int]) -> Iterator[StepView]:
+    def _new_steps(self) -> tuple[list[int], dict]:
+        """Steps after :attr:`last_step` committed by every rank, with their (mode, mode step)."""
         r = self.run._r
-        names = r.names()
+        c = r.commits()
+        sel = c["step"] > self.last_step
+        if not sel.any():
+            return [], {}
+        step, rank = c["step"][sel], c["rank"][sel]
+        ranks = r.ranks()
+        if len(ranks) <= 1:
+            done = np.unique(step)
+        else:
+            pairs = np.unique(np.stack([step, rank.astype(np.int64)]), axis=1)
+            uniq, counts = np.unique(pairs[0], return_counts=True)
+            done = uniq[counts >= len(ranks)]
+        # A step is taken only when all earlier ones are complete, so order is kept.
+        if len(ranks) > 1:
+            pending = np.setdiff1d(np.unique(step), done)
+            if len(pending):
+                done = done[done < pending.min()]
+        modes: dict = {}
+        m, ms = c["mode"][sel], c["mode_step"][sel]
+        for s, mm, mss in zip(step.tolist(), m.tolist(), ms.tolist()):
+            modes.setdefault(s, (mm, mss))
+        return done.tolist(), modes
+
+    def _views(self, steps: list[int], modes: dict) -> Iterator[StepView]:
+        r = self.run._r
+        names = self._names
         cols = r.stats_columns(
             name_ids=[], ranks=[], step_min=steps[0], step_max=steps[-1], mode=-1
         )
         step_col = cols["step"]
-        order = np.argsort(step_col, kind="stable")
-        cols = {k: v[order] for k, v in cols.items()}
-        step_col = cols["step"]
+        if len(step_col) > 1 and not (np.diff(step_col) >= 0).all():
+            order = np.argsort(step_col, kind="stable")
+            cols = {k: v[order] for k, v in cols.items()}
+            step_col = cols["step"]
         wanted = np.asarray(steps, dtype=np.int64)
         lo = np.searchsorted(step_col, wanted, side="left")
         hi = np.searchsorted(step_col, wanted, side="right")
-        commits = r.commits()
-        modes = {}
-        for s, m, ms in zip(
-            commits["step"].tolist(), commits["mode"].tolist(), commits["mode_step"].tolist()
-        ):
-            modes.setdefault(s, (m, ms))
-        name_ids = cols.pop("name_id")
         for s, a, b in zip(steps, lo.tolist(), hi.tolist()):
-            part = {k: v[a:b] for k, v in cols.items()}
-            batch = StatsBatch([names[i] for i in name_ids[a:b].tolist()], part)
+            batch = StatsBatch(None, cols, a, b, names)
             m, ms = modes.get(s, (0, s))
             yield StepView(self.run, s, Mode(m), ms, batch, self)
 
@@ -160,7 +212,7 @@ class RuleEngine:
             needs = rule.needs
             if needs.modes is not None and view.mode not in needs.modes:
                 continue
-            if not self._needs_met(rule, view._batch.names):
+            if not self._needs_met(rule):
                 if i not in self._unmet_reported:
                     self._unmet_reported.add(i)
                     what = ", ".join(needs.collections) if needs.collections else needs.regex
