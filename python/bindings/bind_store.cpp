@@ -211,11 +211,19 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
       .def(
           "record",
           [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
-            SHARED(h);
-            int64_t id = r.name_id(name);
-            const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
-            if (!rec) return py::none();
-            return py::cast(*rec);
+            std::optional<RecordInfo> copy;
+            {
+              SHARED(h);
+              int64_t id = r.name_id(name);
+              const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
+              if (!rec) return py::none();
+              copy = *rec;
+            }
+            if (copy->hists_elided) {
+              py::gil_scoped_release nogil;
+              h.reader->load_histograms(*copy);
+            }
+            return py::cast(*copy);
           },
           py::arg("name"), py::arg("step"), py::arg("rank") = 0,
           "The Record of (name, step, rank), or None.")

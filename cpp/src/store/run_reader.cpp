@@ -149,6 +149,11 @@ struct RunReader::Impl {
         r.payload_len = h.payload_len;
         r.payload_crc = h.payload_crc;
         r.stats = std::move(m.stats);
+        if (!r.stats.hist.empty() || !r.stats.exp_hist.empty()) {
+          r.stats.hist = {};
+          r.stats.exp_hist = {};
+          r.hists_elided = true;
+        }
         st.pending.push_back(std::move(r));
         return true;
       }
@@ -415,6 +420,29 @@ bool RunReader::writer_alive(uint32_t rank) const {
   bool alive = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
   ::close(fd);  // closing drops a shared lock we may have taken
   return alive;
+}
+
+void RunReader::load_histograms(RecordInfo& rec) const {
+  if (!rec.hists_elided) return;
+  std::string path;
+  {
+    std::shared_lock<std::shared_mutex> lock(impl_->mu);
+    path = impl_->shard_paths.at(rec.shard);
+  }
+  Fd f(path);
+  if (f.fd < 0)
+    throw Error(ErrorCode::kIo, "[run_reader.stats] '" + path + "': " + std::strerror(errno));
+  const uint64_t meta_len = rec.payload_offset - rec.frame_offset - kFrameHeaderSize;
+  std::vector<uint8_t> meta(meta_len);
+  std::string where = "run_reader.stats " + path + "@" + std::to_string(rec.frame_offset);
+  if (!pread_full(f.fd, meta.data(), meta_len, rec.frame_offset + kFrameHeaderSize, path))
+    throw Error(ErrorCode::kDataLoss, "[" + where + "] frame meta is truncated");
+  if (crc32c(meta.data(), meta.size()) != rec.meta_crc)
+    throw Error(ErrorCode::kDataLoss, "[" + where + "] meta checksum mismatch");
+  TensorMeta m = decode_tensor_meta(meta.data(), meta.size(), where);
+  rec.stats.hist = std::move(m.stats.hist);
+  rec.stats.exp_hist = std::move(m.stats.exp_hist);
+  rec.hists_elided = false;
 }
 
 void RunReader::read_value(const RecordInfo& rec, void* dst, int threads) const {

@@ -37,7 +37,11 @@ struct RecordInfo {
   uint64_t payload_offset = 0;  ///< File offset of the payload container.
   uint64_t payload_len = 0;
   uint32_t payload_crc = 0;
+  /// Statistics. Histograms are not kept in memory for every record (a 256-bucket exponent
+  /// histogram is 2 KiB decoded): when `hists_elided`, `stats.hist`/`stats.exp_hist` are empty
+  /// and RunReader::load_histograms() reads them back from the shard.
   TensorStats stats;
+  bool hists_elided = false;
   /// True when the record carries the tensor's values (not stats-only, not dropped).
   bool has_value() const { return (flags & (kFlagStatsOnly | kFlagDropped)) == 0; }
 };
@@ -99,6 +103,11 @@ class RunReader {
   const std::vector<std::string>& problems() const;
   /// Path of shard `i` of the shard table.
   const std::string& shard_path(uint32_t i) const;
+
+  /// Fills `rec.stats.hist` / `exp_hist` from the shard when they were elided (re-reading and
+  /// re-verifying the frame's meta). Thread-safe like read_value(). DataLoss when the meta no
+  /// longer matches its checksum.
+  void load_histograms(RecordInfo& rec) const;
 
   /// Decodes the values of `rec` (a copy is fine) into `dst` (exactly rec.raw_nbytes bytes),
   /// verifying every checksum. Thread-safe; does not touch Python. DataLoss on corruption, NotFound when the
