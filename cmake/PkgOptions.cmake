@@ -16,6 +16,15 @@ function(tv_print_summary)
   message(STATUS "  TV_BUILD_PYTHON    = ${TV_BUILD_PYTHON}")
   message(STATUS "  TV_BUILD_TESTS     = ${TV_BUILD_TESTS}")
   message(STATUS "  TV_WERROR          = ${TV_WERROR}")
+  if(TV_ENABLE_CUDA)
+    message(STATUS "  CUDA architectures = ${CMAKE_CUDA_ARCHITECTURES}")
+  endif()
   message(STATUS "  TV_SANITIZE        = ${TV_SANITIZE}")
   message(STATUS "  CMAKE_BUILD_TYPE   = ${CMAKE_BUILD_TYPE}")
 endfunction()
+
+# With CUDA on, build for Ampere and Hopper unless the caller chose (-DCMAKE_CUDA_ARCHITECTURES=90
+# for a quick Hopper-only build). Set before enable_language(CUDA) picks the compiler default.
+if(TV_ENABLE_CUDA AND NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+  set(CMAKE_CUDA_ARCHITECTURES 80 90)
+endif()

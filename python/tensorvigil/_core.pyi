@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections.abc
 import numpy
 import typing
-__all__: list[str] = ['ErrorCode', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'get_num_threads', 'set_num_threads']
+__all__: list[str] = ['CudaPendingStats', 'ErrorCode', 'GpuCapture', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'cuda_compute_stats', 'get_num_threads', 'set_num_threads']
 class ErrorCode:
     """
     Categories of core errors (see docs/FORMAT.md).
@@ -345,6 +345,51 @@ class RunReader:
     @property
     def problems(self) -> list[str]:
         ...
+class CudaPendingStats:
+    """
+    Statistics being computed on a CUDA stream (returned by ``cuda_compute_stats``).
+    
+    ``ready()`` polls the job's event; ``result()`` waits on that event only (never the whole
+    device) with the GIL released and returns one Stats per tensor.
+    """
+    def ready(self) -> bool:
+        """
+        True when the results reached host memory.
+        """
+    def result(self) -> list[Stats]:
+        """
+        Waits for this job and returns a list of Stats, in input order.
+        """
+class GpuCapture:
+    """
+    Asynchronous capture of CUDA tensors into a StreamWriter (see tensorvigil.cuda.GpuCapture).
+    
+    Args:
+        writer: The StreamWriter to write into; kept alive by this object, never closed by it.
+        staging_bytes: Bound on the pinned host staging ring for raw payloads.
+    """
+    def __init__(self, writer: StreamWriter, staging_bytes: typing.SupportsInt | typing.SupportsIndex = 268435456) -> None:
+        ...
+    def close(self) -> None:
+        """
+        Flushes and stops the capture thread; does not close the writer. Idempotent.
+        """
+    def commit(self, step: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, mode_step: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Commits ``step`` after every item submitted before; non-blocking.
+        """
+    def counters(self) -> dict:
+        """
+        Counters: submits, tensors, copied_bytes, dropped, staging/pending/peak bytes.
+        """
+    def flush(self) -> None:
+        """
+        Waits until everything submitted is handed to the writer, then flushes it.
+        """
+    def submit(self, step: typing.SupportsInt | typing.SupportsIndex, mode: typing.SupportsInt | typing.SupportsIndex, mode_step: typing.SupportsInt | typing.SupportsIndex, items: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex, str, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex, bool, typing.SupportsInt | typing.SupportsIndex]], exp_hist: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
+        """
+        One fused statistics launch for ``items`` ``(name, data_ptr, dtype, shape, device, stats_only, hist_bins)`` and asynchronous copies of their payloads; never synchronises the device.
+        """
 def _raise_error(code: typing.SupportsInt | typing.SupportsIndex, message: str) -> None:
     """
     Raises the Python exception of a core error code (tests the translator).
@@ -390,6 +435,21 @@ def cuda_available() -> bool:
 def cuda_built() -> bool:
     """
     True when tensorvigil was built with TV_ENABLE_CUDA=ON.
+    """
+def cuda_compute_stats(tensors: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, str, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], typing.SupportsInt | typing.SupportsIndex]], hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex] | None = None, exp_hist: bool = False, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> CudaPendingStats:
+    """
+    Enqueues the statistics of CUDA tensors on ``stream`` (one fused launch) and returns at once.
+    
+    Args:
+        tensors: ``(data_ptr, dtype, shape, device)`` tuples of C-contiguous device tensors, all on
+            one device (dtype: float64, float32, float16, bfloat16, float8_e4m3fn, float8_e5m2).
+        hist_bins: Fixed-bin histogram size (0: none).
+        hist_range: ``(lo, hi)``, or None for each tensor's finite ``[min, max]``.
+        exp_hist: Also fill the exponent histograms.
+        stream: ``cudaStream_t`` as an int (0 default, 1 legacy, 2 per-thread default).
+    
+    Returns:
+        CudaPendingStats.
     """
 def get_num_threads() -> int:
     """

@@ -595,6 +595,46 @@ void StreamWriter::write_tensor(const std::string& name, int64_t step, Mode mode
   s.cv_enc.notify_all();
 }
 
+void StreamWriter::write_dropped(const std::string& name, int64_t step, Mode mode,
+                                 int64_t mode_step, DType dtype, const std::vector<int64_t>& shape,
+                                 const TensorStats& stats) {
+  Impl& s = *impl_;
+  if (name.empty() || name.size() > kMaxNameLen)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] tensor name must have 1.." +
+                                                 std::to_string(kMaxNameLen) + " bytes");
+  if (step < 0 || mode_step < 0)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] step must be >= 0");
+  if (static_cast<uint8_t>(mode) > static_cast<uint8_t>(Mode::kGlobal))
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] unknown mode");
+  if (shape.size() > kMaxNdim)
+    throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] more than 32 dimensions");
+  for (int64_t d : shape)
+    if (d < 0) throw_error(ErrorCode::kInvalidArgument, "[stream_writer.write] negative dimension");
+  {
+    std::lock_guard<std::mutex> lk(s.mu);
+    if (s.closed) throw_error(ErrorCode::kFailedPrecondition, "[stream_writer.write] writer is closed");
+    s.check_failed();
+    ++s.ctr.dropped;
+  }
+  auto j = std::make_unique<Job>();
+  j->tmeta.name = name;
+  j->tmeta.step = step;
+  j->tmeta.mode = mode;
+  j->tmeta.mode_step = mode_step;
+  j->tmeta.dtype = dtype;
+  j->tmeta.shape = shape;
+  TensorView v;
+  v.dtype = dtype;
+  v.shape = shape;
+  j->tmeta.raw_nbytes = v.nbytes();
+  j->tmeta.wall_time = now_seconds();
+  j->tmeta.stats = stats;
+  j->flags = kFlagDropped;
+  j->codec = Codec::kRaw;
+  j->meta = encode_tensor_meta(j->tmeta);
+  s.enqueue_ready(std::move(j));
+}
+
 void StreamWriter::commit_step(int64_t step, Mode mode, int64_t mode_step) {
   Impl& s = *impl_;
   if (step < 0 || mode_step < 0)
@@ -676,6 +716,8 @@ WriterCounters StreamWriter::counters() const {
   c.pool_bytes = impl_->pool.held();
   return c;
 }
+
+const WriterOptions& StreamWriter::options() const { return impl_->opt; }
 
 const std::string& StreamWriter::path() const { return impl_->dir; }
 

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "tensorvigil/stats/reduce.h"
 #include "tensorvigil/store/format.h"
@@ -71,6 +72,13 @@ class StreamWriter {
                     std::optional<Codec> codec = std::nullopt,
                     const TensorStats* stats = nullptr);
 
+  /// Records tensor `name` of `step` whose payload never reached the writer (e.g. dropped from
+  /// a full GPU staging pool under the skip policy): `stats` only, flagged as dropped and
+  /// counted in `dropped`, like a payload the skip policy drops here. Same errors as
+  /// write_tensor().
+  void write_dropped(const std::string& name, int64_t step, Mode mode, int64_t mode_step,
+                     DType dtype, const std::vector<int64_t>& shape, const TensorStats& stats);
+
   /// Marks `step` complete: readers see its tensors once this frame is on disk.
   void commit_step(int64_t step, Mode mode, int64_t mode_step);
 
@@ -82,6 +90,8 @@ class StreamWriter {
   void close();
 
   bool closed() const;
+  /// The options this writer was opened with.
+  const WriterOptions& options() const;
   WriterCounters counters() const;
   /// Path of the rank directory.
   const std::string& path() const;
