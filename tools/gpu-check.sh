@@ -82,7 +82,7 @@ fi
 stage "build (TV_ENABLE_CUDA=ON, sm_90)"
 PYBIND11_DIR=$($PY -m pybind11 --cmakedir)
 if ! { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DTV_ENABLE_CUDA=ON \
-         -DCMAKE_CUDA_ARCHITECTURES=90 -DTV_BUILD_TESTS=$TESTS -DTV_WERROR=ON \
+         -DCMAKE_CUDA_ARCHITECTURES=90 -DTV_BUILD_TESTS=$TESTS -DTV_WERROR=OFF \
          -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$PYBIND11_DIR" \
          "${ZSTD_ARGS[@]}" "${GTEST_ARGS[@]}" &&
        cmake --build build/gpu -j "$JOBS"; } >"$OUT/build.log" 2>&1; then

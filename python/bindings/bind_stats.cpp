@@ -22,7 +22,7 @@ py::object u64_array(const std::vector<uint64_t>& v) {
   if (v.empty()) return py::none();
   py::array_t<uint64_t> a(static_cast<py::ssize_t>(v.size()));
   std::copy(v.begin(), v.end(), a.mutable_data());
-  return std::move(a);
+  return py::object(std::move(a));
 }
 
 py::object edges_array(const TensorStats& s) {
@@ -30,7 +30,7 @@ py::object edges_array(const TensorStats& s) {
   std::vector<double> e = s.hist_edges();
   py::array_t<double> a(static_cast<py::ssize_t>(e.size()));
   std::copy(e.begin(), e.end(), a.mutable_data());
-  return std::move(a);
+  return py::object(std::move(a));
 }
 
 StatsOptions make_options(int hist_bins, const py::object& hist_range, bool exp_hist,

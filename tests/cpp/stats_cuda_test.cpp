@@ -1,6 +1,6 @@
 // CUDA statistics against the CPU kernels on the same bytes (built only with TV_ENABLE_CUDA;
 // every test skips without a device). Counts, min/max, abs_max and histograms must be equal;
-// moments agree to 1e-9 relative (both accumulate in double).
+// moments agree to 2e-6 relative (float inputs: float partials over each 16-byte vector, then double).
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
@@ -77,6 +77,9 @@ struct DevBuf {
   ~DevBuf() { cudaFree(p); }
 };
 
+// Relative tolerance of the moments: float inputs accumulate float partials of <= 16 terms.
+constexpr double kTol = 2e-6;
+
 void expect_same(const tv::TensorStats& g, const tv::TensorStats& c, const std::string& what) {
   SCOPED_TRACE(what);
   EXPECT_EQ(g.numel, c.numel);
@@ -92,10 +95,10 @@ void expect_same(const tv::TensorStats& g, const tv::TensorStats& c, const std::
     EXPECT_EQ(g.max, c.max);
   }
   EXPECT_EQ(g.abs_max, c.abs_max);
-  const double scale = std::fabs(c.mean) + c.std();
-  EXPECT_NEAR(g.mean, c.mean, 1e-9 * scale + 1e-300);
-  EXPECT_NEAR(g.m2, c.m2, 1e-9 * c.m2 + 1e-300);
-  EXPECT_NEAR(g.abs_sum, c.abs_sum, 1e-9 * c.abs_sum + 1e-300);
+  const double scale = c.finite() ? std::fabs(c.mean) + c.std() : 0.0;  // std() is NaN when empty
+  EXPECT_NEAR(g.mean, c.mean, kTol * scale + 1e-300);
+  EXPECT_NEAR(g.m2, c.m2, kTol * c.m2 + 1e-300);
+  EXPECT_NEAR(g.abs_sum, c.abs_sum, kTol * c.abs_sum + 1e-300);
   EXPECT_EQ(g.hist, c.hist);
   EXPECT_EQ(g.hist_below, c.hist_below);
   EXPECT_EQ(g.hist_above, c.hist_above);

@@ -31,9 +31,10 @@ def _assert_same(g, c):
     else:
         assert (g.min, g.max, g.abs_max) == (c.min, c.max, c.abs_max)
     scale = abs(c.mean) + (c.std if c.finite else 0.0)
-    assert g.mean == pytest.approx(c.mean, rel=0, abs=1e-9 * scale + 1e-300)
-    assert g.m2 == pytest.approx(c.m2, rel=1e-9, abs=1e-300)
-    assert g.l1 == pytest.approx(c.l1, rel=1e-9, abs=1e-300)
+    # float inputs: float partials over each 16-byte vector (<= 16 terms), then double
+    assert g.mean == pytest.approx(c.mean, rel=0, abs=2e-6 * scale + 1e-300)
+    assert g.m2 == pytest.approx(c.m2, rel=2e-6, abs=1e-300)
+    assert g.l1 == pytest.approx(c.l1, rel=2e-6, abs=1e-300)
     if c.hist is None:
         assert g.hist is None
     else:
@@ -278,7 +279,8 @@ def test_torch_hook_on_gpu_uses_device_statistics(tmp_run, reductions_only):
     assert run.steps() == [0, 1, 2]
     for (name, s), ref in seen.items():
         t = run.tensor(name)
-        _assert_same(t.stats(s), tv.compute_stats(ref.numpy(), exp_hist=True))
+        # CUDA tensors: no exponent histogram unless asked for; the loss went through the GPU too
+        _assert_same(t.stats(s), tv.compute_stats(ref.numpy()))
         if reductions_only:
             assert not t.record(s).has_value
         else:

@@ -120,7 +120,8 @@ struct Src<kE4M3> : SrcFp8<kE4M3> {};
 template <>
 struct Src<kE5M2> : SrcFp8<kE5M2> {};
 
-// Calls f(x) for each of the n elements at `base` that this thread owns: 16-byte vectors,
+// Calls f(x) for each of the n elements at `base` that this thread owns, and f.flush() after
+// each 16-byte vector (and each tail element): 16-byte vectors,
 // four in flight per thread, when `base` is 16-byte aligned; element loads otherwise and for
 // the tail.
 template <int DT, typename F>
@@ -141,6 +142,7 @@ __device__ __forceinline__ void for_each_element(const unsigned char* base, unsi
       S::unpack(v[u], x);
 #pragma unroll
       for (int k = 0; k < S::kPer; ++k) f(x[k]);
+      f.flush();
     }
   }
   for (; i < nvec; i += kThreads) {
@@ -148,8 +150,12 @@ __device__ __forceinline__ void for_each_element(const unsigned char* base, unsi
     S::unpack(__ldg(p + i), x);
 #pragma unroll
     for (int k = 0; k < S::kPer; ++k) f(x[k]);
+    f.flush();
   }
-  for (unsigned j = nvec * S::kPer + threadIdx.x; j < n; j += kThreads) f(S::at(base, j));
+  for (unsigned j = nvec * S::kPer + threadIdx.x; j < n; j += kThreads) {
+    f(S::at(base, j));
+    f.flush();
+  }
 }
 
 }  // namespace cuda_dev

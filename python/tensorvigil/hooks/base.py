@@ -491,7 +491,8 @@ class CaptureSession:
         ranks: ``"all"`` (every rank writes its stream) or ``"zero"`` (only rank 0 writes).
         rank_fn: Returns this process's rank (called when the writer is first needed, so
             ``torch.distributed`` may be initialised after the hook is made).
-        exp_hist: Store the exponent histogram with every statistics record.
+        exp_hist: Store the exponent histogram with every statistics record (default: for
+            host tensors only).
         writer_options: Passed to :class:`tensorvigil.StoreWriter`.
 
     """
@@ -504,7 +505,7 @@ class CaptureSession:
         strict: bool,
         ranks: str = "all",
         rank_fn: Callable[[], int] = _detect_rank,
-        exp_hist: bool = True,
+        exp_hist: Optional[bool] = None,
         writer_options: Optional[dict] = None,
     ) -> None:
         if isinstance(out_dir, str) and "://" in out_dir:
@@ -519,7 +520,10 @@ class CaptureSession:
         self.strict = bool(strict)
         self.ranks = ranks
         self._rank_fn = rank_fn
-        self.exp_hist = bool(exp_hist)
+        # Default: on for host tensors (nearly free there), off for device tensors (one
+        # shared-memory atomic per element in the GPU kernel).
+        self.exp_hist = True if exp_hist is None else bool(exp_hist)
+        self.exp_hist_gpu = False if exp_hist is None else bool(exp_hist)
         self._writer_options = dict(writer_options or {})
         self._writer: Any = None
         self._writer_lock = threading.Lock()
@@ -659,7 +663,7 @@ class CaptureSession:
             return False
         if self.gpu is not None and getattr(value, "is_cuda", False):
             self.gpu.submit(
-                self.step, self.mode, self.mode_step, [(name, value, *d)], self.exp_hist
+                self.step, self.mode, self.mode_step, [(name, value, *d)], self.exp_hist_gpu
             )
         else:
             self._write(name, value, d)
@@ -680,7 +684,7 @@ class CaptureSession:
             else:
                 self._write(name, value, d)
         if gpu_items:
-            gpu.submit(self.step, self.mode, self.mode_step, gpu_items, self.exp_hist)
+            gpu.submit(self.step, self.mode, self.mode_step, gpu_items, self.exp_hist_gpu)
 
     def wants(self, name: str, kind: str, tags: frozenset = frozenset(), module: str = "") -> bool:
         """Whether :meth:`save` would save ``name`` now (to skip expensive preparation)."""

@@ -109,7 +109,9 @@ class Hook:
         strict: Raise errors from the hook instead of logging once and disabling capture.
         ranks: ``"all"``: every rank writes its own stream; ``"zero"``: only rank 0 writes.
         hist_bins: Fixed-bin histogram stored with each tensor's statistics (0: none).
-        exp_hist: Store the exponent (log2) histogram with each record (nearly free).
+        exp_hist: Store the exponent (log2) histogram with each record. Default: for CPU
+            tensors (nearly free there), not for CUDA tensors (it costs a shared-memory atomic
+            per element on the GPU); ``True``/``False`` applies to both.
         codec: Codec for float tensors (``"shuffle-zstd"``, ``"zstd"``, ``"raw"``).
         max_pending_bytes: Bound on host memory held by saves not yet on disk.
         policy: When that bound is reached: ``"block"`` (wait, lose nothing) or ``"skip"``
@@ -141,7 +143,7 @@ class Hook:
         strict: bool = False,
         ranks: str = "all",
         hist_bins: int = 0,
-        exp_hist: bool = True,
+        exp_hist: Optional[bool] = None,
         codec: str = "shuffle-zstd",
         max_pending_bytes: int = 512 << 20,
         policy: str = "block",
