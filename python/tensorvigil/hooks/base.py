@@ -662,9 +662,8 @@ class CaptureSession:
         if d is None:
             return False
         if self.gpu is not None and getattr(value, "is_cuda", False):
-            self.gpu.submit(
-                self.step, self.mode, self.mode_step, [(name, value, *d)], self.exp_hist_gpu
-            )
+            item = (name, _device_ready(value), *d)
+            self.gpu.submit(self.step, self.mode, self.mode_step, [item], self.exp_hist_gpu)
         else:
             self._write(name, value, d)
         return True
