@@ -731,6 +731,7 @@ class CaptureSession:
         self._collections_version = self.plan.version
         doc = {k: sorted(v) for k, v in self.plan.names_by_collection.items() if v}
         path = os.path.join(self.out_dir, COLLECTIONS_NAME)
+        os.makedirs(self.out_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
