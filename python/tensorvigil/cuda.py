@@ -126,8 +126,29 @@ def _from_dlpack(x: Any, keep: list) -> tuple[int, str, tuple[int, ...], int]:
     return int(t.data or 0) + int(t.byte_offset), dtype, shape, int(dev_id)
 
 
+_BY_TORCH_DTYPE: dict = {}  # torch.dtype object -> dtype name (filled on first use)
+
+
+def _torch_spec(x: Any) -> Optional[tuple[int, str, tuple[int, ...], int]]:
+    """Fast path for a contiguous CUDA torch tensor (hooks submit hundreds per step)."""
+    dtype = _BY_TORCH_DTYPE.get(x.dtype)
+    if dtype is None:
+        dtype = _TORCH_DTYPES.get(str(x.dtype))
+        if dtype is None:
+            return None
+        _BY_TORCH_DTYPE[x.dtype] = dtype
+    if not x.is_cuda or not x.is_contiguous():
+        return None
+    return x.data_ptr(), dtype, tuple(x.shape), x.get_device()
+
+
 def _spec(x: Any, keep: list) -> tuple[int, str, tuple[int, ...], int]:
     """``(data_ptr, dtype, shape, device)`` of a C-contiguous CUDA tensor."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        fast = _torch_spec(x)
+        if fast is not None:
+            return fast
     if hasattr(x, "data_ptr") and hasattr(x, "is_cuda") and hasattr(x, "dtype"):
         if not x.is_cuda:
             raise InvalidArgumentError(
@@ -322,7 +343,7 @@ class GpuCapture:
         tensors = []
         for name, t, stats_only, bins in items:
             p, dtype, shape, dev = _spec(t, keep)
-            specs.append((str(name), p, dtype, shape, dev, bool(stats_only), int(bins)))
+            specs.append((name, p, dtype, shape, dev, stats_only, bins))
             tensors.append(t)
         s = _resolve_stream(stream, tensors, specs[0][4] if specs else 0)
         self._c.submit(int(step), int(to_mode(mode)), int(mode_step), specs, bool(exp_hist), s)

@@ -325,7 +325,7 @@ class CapturePlan:
                 raise InvalidArgumentError(f"collection '{c.name}' is given twice")
             seen.add(c.name)
             self.colls.append(self._resolve(c.name, None, c, c, save, reductions_only, hist_bins))
-        self._members: dict[_TensorKey, tuple[int, ...]] = {}
+        self._members: dict[tuple, tuple[int, ...]] = {}
         self._active: list[Optional[tuple[bool, int]]] = [None] * len(self.colls)
         self.names_by_collection: dict[str, set[str]] = {}
         self._noted: set[str] = set()
@@ -377,15 +377,15 @@ class CapturePlan:
         self, name: str, kind: str, tags: frozenset = frozenset(), module: str = ""
     ) -> tuple[int, ...]:
         """Indices of the collections ``name`` belongs to (cached)."""
-        key = _TensorKey(name, kind, tags)
-        m = self._members.get(key)
+        m = self._members.get((name, kind, tags, module))
         if m is None:
+            key = _TensorKey(name, kind, tags)
             m = tuple(
                 i
                 for i, c in enumerate(self.colls)
                 if (c.user.matches(key, module) if c.user is not None else c.pred(key))
             )
-            self._members[key] = m
+            self._members[(name, kind, tags, module)] = m
         return m
 
     def note_saved(self, name: str, kind: str, tags: frozenset, members: tuple[int, ...]) -> None:
@@ -832,11 +832,9 @@ class CaptureSession:
 
 
 def _device_ready(t: Any) -> Any:
-    """A detached, contiguous version of a device tensor (the GPU path reads raw memory)."""
-    if hasattr(t, "detach"):
-        t = t.detach()
-    if hasattr(t, "is_contiguous") and not t.is_contiguous():
-        t = t.contiguous()
+    """A contiguous version of a device tensor (the GPU path reads its memory directly)."""
+    if not t.is_contiguous():
+        t = t.detach().contiguous()
     return t
 
 

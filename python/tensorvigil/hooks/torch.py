@@ -306,7 +306,7 @@ class Hook:
         s.begin_step(mode)
         if s.saving:
             self._check_gpu()
-            s.save_many([(name, kind, p.detach()) for name, p, kind in self._params])
+            s.save_many([(name, kind, p) for name, p, kind in self._params])
 
     def _check_gpu(self) -> None:
         if self._gpu_checked:

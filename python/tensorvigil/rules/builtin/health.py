@@ -329,6 +329,58 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
+#: Relative change of a loss's window mean below which the loss counts as flat (rounding).
+_FLAT_RTOL = 1e-4
+
+
+def _sem(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample std with ddof=1; 0 for one value)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    m = _mean(values)
+    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+def _not_decreasing(
+    before: Sequence[float], now: Sequence[float], diff_percent: float, significance: float
+) -> tuple[bool, dict]:
+    """Noise-aware "the loss did not drop by more than ``diff_percent`` %" test.
+
+    Compares the mean of ``now`` with the mean of ``before`` (a window of losses, or one
+    loss). The drop ``(before - now) / |before|`` must be at most ``diff_percent`` % (the
+    SageMaker condition) **and** the excess of ``now`` over the required level
+    ``before * (1 - diff_percent / 100)`` must be at least ``significance`` standard errors
+    of the difference of the two means, so a flat noise-free loss (standard error 0) counts
+    while a difference explained by mini-batch noise does not. A change of at most
+    ``_FLAT_RTOL`` (relative) counts as flat whatever the noise: a loss that only moves by
+    float rounding has not decreased. When ``before`` is one value its noise is taken as the
+    per-value spread of ``now``.
+    """
+    ref, cur = _mean(before), _mean(now)
+    se_now = _sem(now)
+    if len(before) >= 2:
+        se_ref = _sem(before)
+    else:
+        se_ref = se_now * math.sqrt(len(now))  # one value: the spread of a single loss
+    se = math.hypot(se_ref, se_now)
+    if ref != 0:
+        drop = (ref - cur) / abs(ref) * 100.0
+    else:
+        drop = 0.0 if cur == 0 else (-math.inf if cur > 0 else math.inf)
+    target = ref - abs(ref) * diff_percent / 100.0
+    excess = cur - target
+    flat = abs(cur - ref) <= _FLAT_RTOL * abs(ref)
+    flag = (not drop > diff_percent) and (flat or excess >= significance * se)
+    return flag, {
+        "reference_loss": ref,
+        "loss": cur,
+        "drop_percent": drop,
+        "standard_error": se,
+        "excess": excess,
+    }
+
+
 def _split_losses(step: StepView, losses: dict[str, float]) -> tuple[list, list]:
     """(train, validation) loss values of a step.
 
@@ -357,18 +409,24 @@ class VanishingGradient(Rule):
 
     Reads statistics only (``l1 / finite count`` of every tensor of the ``gradients``
     collection, or of names ending in ``/grad`` when the run has no collections file).
-    Edge-triggered per gradient tensor.
+    Gradient tensors with fewer than ``min_elements`` elements (biases, normalisation
+    parameters) are left out while the step has larger gradient tensors: the gradient of a
+    32-element LayerNorm bias of a converged model can legitimately average below 1e-7,
+    while vanishing gradients show on the weight matrices. When every gradient tensor is
+    small, all are inspected. Edge-triggered per gradient tensor.
 
     Args:
         threshold: Mean |gradient| below which a gradient is vanishing.
+        min_elements: Gradient tensors with fewer elements are skipped (see above).
 
     """
 
     needs = Needs(collections=["gradients"], regex=_GRAD_RE)
 
-    def __init__(self, threshold: float = 1e-7) -> None:
+    def __init__(self, threshold: float = 1e-7, min_elements: int = 100) -> None:
         super().__init__()
         self.threshold = _number(self.name, "threshold", threshold, minimum=0.0)
+        self.min_elements = _integer(self.name, "min_elements", min_elements, minimum=0)
         self._sel = _Select(("gradients",), fallback=_GRAD_RE)
         self._edge = _Edge()
 
@@ -378,6 +436,9 @@ class VanishingGradient(Rule):
         idx = self._sel.index(step)
         if not len(idx):
             return None
+        big = b.numel[idx] >= self.min_elements
+        if big.any():
+            idx = idx[big]
         ma = _derived(b).mean_abs[idx]
         hitmask = ma < self.threshold  # NaN compares false
         if not self._edge.active and not hitmask.any():
@@ -469,15 +530,22 @@ class PoorWeightInitialization(Rule):
 
     - activation-input variance: ``max/min`` of the per-layer variance of activation inputs
       (tensors of the ``relu_input`` collection and names matching
-      ``activation_inputs_regex``) exceeds ``threshold`` (needs at least two layers);
-    - gradient spread: the 5th-95th percentile spread of a gradient tensor is below
-      ``distribution_range``. From statistics only: the spread is at most ``max - min``, and
-      at most ``2 * q95(|g|)``, whose upper bound is read from the exponent histogram
-      (``exp_hist``, upper edge of the bucket holding the 95th percentile of ``|g|``); with a
-      fixed-bin histogram the percentiles are interpolated in it. The bounds are conservative
-      (never fire on a spread that is really above the range);
-    - loss: the training loss does not decrease within ``patience`` saved steps (the best of
-      the last ``patience`` losses is not below the loss ``patience`` saved steps earlier).
+      ``activation_inputs_regex``) exceeds ``threshold`` (needs at least two layers) at more
+      than half of the ``steps`` inspected steps (a majority: a default initialisation whose
+      ratio sits near the threshold for the first few steps and then drifts down is not
+      reported; a bad one stays far above it). It fires at the step that makes the majority;
+    - gradient spread: the 5th-95th percentile spread of the gradient tensors is below
+      ``distribution_range`` for the majority of the gradient tensors with at least
+      ``min_elements`` elements at a step (a 2-element bias or one quiet tensor of a healthy
+      LSTM or transformer is not a poor initialisation). From statistics only: the spread is
+      at most ``max - min``, and at most ``2 * q95(|g|)``, whose upper bound is read from the
+      exponent histogram (``exp_hist``, upper edge of the bucket holding the 95th percentile
+      of ``|g|``); with a fixed-bin histogram the percentiles are interpolated in it. The
+      bounds are conservative (never fire on a spread that is really above the range);
+    - loss: the training loss does not decrease within ``patience`` saved steps: the mean of
+      the last ``patience`` losses is not below the mean of the ``patience`` before by more
+      than ``significance`` standard errors of their difference (noise-aware, as in
+      :class:`LossNotDecreasing`; a noise-free plateau always counts).
 
     Args:
         activation_inputs_regex: Names of activation inputs (besides the ``relu_input``
@@ -486,6 +554,8 @@ class PoorWeightInitialization(Rule):
         distribution_range: Smallest accepted 5th-95th percentile spread of a gradient.
         patience: Saved training steps within which the loss must decrease.
         steps: Number of saved training steps the rule inspects (then it is idle).
+        min_elements: Gradient tensors with fewer elements are left out of the spread check.
+        significance: Standard errors by which the loss must fail to decrease.
 
     """
 
@@ -498,6 +568,8 @@ class PoorWeightInitialization(Rule):
         distribution_range: float = 0.001,
         patience: int = 5,
         steps: int = 10,
+        min_elements: int = 100,
+        significance: float = 2.0,
     ) -> None:
         super().__init__()
         n = self.name
@@ -506,11 +578,14 @@ class PoorWeightInitialization(Rule):
         self.distribution_range = _number(n, "distribution_range", distribution_range, minimum=0)
         self.patience = _integer(n, "patience", patience, minimum=1)
         self.steps = _integer(n, "steps", steps, minimum=1)
+        self.min_elements = _integer(n, "min_elements", min_elements, minimum=2)
+        self.significance = _number(n, "significance", significance, minimum=0.0)
         self._act = _Select(("relu_input",), self.activation_inputs_regex)
         self._grad = _Select(("gradients",), fallback=_GRAD_RE)
         self._loss = _loss_select()
         self._seen = 0
         self._losses: list[float] = []
+        self._ratios: list[float] = []
         self._reported: set = set()
 
     def evaluate(self, step: StepView) -> Optional[list[Finding]]:
@@ -533,17 +608,22 @@ class PoorWeightInitialization(Rule):
         if hi <= 0:
             return None
         ratio = hi / lo if lo > 0 else math.inf
-        if not ratio > self.threshold:
+        self._ratios.append(ratio)
+        above = sum(1 for r in self._ratios if r > self.threshold)
+        if not (ratio > self.threshold and 2 * above > self.steps):
             return None
         self._reported.add("variance")
         return self.finding(
             step,
             f"activation-input variance differs by a factor {ratio:.3g} across layers "
-            f"(threshold {self.threshold:g}): the weights are probably poorly initialised",
+            f"(threshold {self.threshold:g}) at {above} of the first {len(self._ratios)} "
+            "steps: the weights are probably poorly initialised",
             {
                 "check": "activation_variance",
                 "threshold": self.threshold,
                 "ratio": ratio,
+                "ratios": list(self._ratios),
+                "steps_above": above,
                 "variance": var,
             },
         )
@@ -551,12 +631,16 @@ class PoorWeightInitialization(Rule):
     def _spread(self, step: StepView) -> Optional[Finding]:
         b = step.batch()
         idx = _first_rank_rows(b, self._grad.index(step))
+        if "spread" in self._reported:
+            return None
         spreads: dict[str, float] = {}
         methods: dict[str, str] = {}
+        eligible = 0
         for i in idx.tolist():
             name = b.names[i]
-            if ("spread", name) in self._reported or b.numel[i] - b.nan[i] < 2:
+            if b.numel[i] - b.nan[i] < self.min_elements:
                 continue
+            eligible += 1
             bound = float(b.max[i] - b.min[i])
             method = "max-min"
             if not bound < self.distribution_range:
@@ -566,16 +650,18 @@ class PoorWeightInitialization(Rule):
             if bound < self.distribution_range:
                 spreads[name] = bound
                 methods[name] = method
-        if not spreads:
+        if not 2 * len(spreads) > eligible:
             return None
-        self._reported.update(("spread", n) for n in spreads)
+        self._reported.add("spread")
         return self.finding(
             step,
-            f"{len(spreads)} gradient tensor(s) have a 5th-95th percentile spread below "
-            f"{self.distribution_range:g}: {_listing(list(spreads.items()))}",
+            f"{len(spreads)} of {eligible} gradient tensor(s) have a 5th-95th percentile spread "
+            f"below {self.distribution_range:g}: {_listing(list(spreads.items()))}",
             {
                 "check": "gradient_spread",
                 "distribution_range": self.distribution_range,
+                "min_elements": self.min_elements,
+                "inspected": eligible,
                 "tensors": list(spreads),
                 "spread": spreads,
                 "method": methods,
@@ -620,23 +706,24 @@ class PoorWeightInitialization(Rule):
             return None
         self._losses.append(_mean(train))
         p = self.patience
-        if len(self._losses) <= p:
+        if len(self._losses) < 2 * p:
             return None
-        ref = self._losses[-p - 1]
-        best = min(self._losses[-p:])
-        if best < ref:
+        before, now = self._losses[-2 * p : -p], self._losses[-p:]
+        flag, det = _not_decreasing(before, now, 0.0, self.significance)
+        if not flag:
             return None
         self._reported.add("loss")
         return self.finding(
             step,
-            f"the training loss did not decrease within {p} saved steps "
-            f"({ref:.4g} -> best {best:.4g}): the weights may be poorly initialised",
+            f"the training loss did not decrease within {p} saved steps (mean "
+            f"{det['reference_loss']:.4g} -> {det['loss']:.4g}): the weights may be poorly "
+            "initialised",
             {
                 "check": "loss",
                 "patience": p,
-                "reference_loss": ref,
-                "best_loss": best,
-                "losses": self._losses[-p - 1 :],
+                "significance": self.significance,
+                **det,
+                "losses": self._losses[-2 * p :],
             },
         )
 
@@ -645,24 +732,35 @@ class _ActivityRule(Rule):
     """Shared machinery of DeadRelu and SaturatedActivation (values rules).
 
     A *unit* is one element position of the tensor without its first (batch) dimension; its
-    activity is the share of the step's samples (the first dimension) for which it is active.
-    A tensor of one dimension or less has one sample per element.
+    activity is the share of the samples (the first dimension) for which it is active,
+    accumulated over the last ``window`` saved steps of the tensor (the layer is judged once
+    that many steps are there). A tensor of one dimension or less has one sample per
+    element.
     """
 
     _collections_used: tuple[str, ...] = ()
 
-    def __init__(self, tensor_regex: str, threshold_inactivity: float, threshold_layer: float):
+    def __init__(
+        self,
+        tensor_regex: str,
+        threshold_inactivity: float,
+        threshold_layer: float,
+        window: int = 1,
+    ):
         super().__init__()
         self.tensor_regex = _regex(self.name, "tensor_regex", tensor_regex)
         self.threshold_inactivity = _percent(
             self.name, "threshold_inactivity", threshold_inactivity
         )
         self.threshold_layer = _percent(self.name, "threshold_layer", threshold_layer)
+        self.window = _integer(self.name, "window", window, minimum=1)
         self.needs = Needs(
             collections=list(self._collections_used), regex=self.tensor_regex, values=True
         )
         self._sel = _Select(self._collections_used, self.tensor_regex)
         self._edge = _Edge()
+        # name -> list of [step, rank, may_fire, (active counts per unit, samples) or None]
+        self._hist: dict[str, list] = {}
 
     def _active(self, step: StepView, name: str, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -670,6 +768,12 @@ class _ActivityRule(Rule):
     def _may_fire(self, b: StatsBatch, idx: np.ndarray, step: StepView) -> np.ndarray:
         """Mask of the rows ``idx`` that the statistics cannot clear (values are read)."""
         return np.ones(len(idx), dtype=bool)
+
+    def _counts(self, step: StepView, name: str, x: np.ndarray) -> tuple[np.ndarray, int]:
+        act = self._active(step, name, x)
+        if act.ndim >= 2:
+            return act.reshape(act.shape[0], -1).sum(axis=0), int(act.shape[0])
+        return act.reshape(-1).astype(np.int64), 1
 
     def _scan(self, step: StepView) -> tuple[dict, Any]:
         b = step.batch()
@@ -679,21 +783,38 @@ class _ActivityRule(Rule):
         valid = idx[b.has_value[idx] & (b.numel[idx] > 0)]
         if not len(valid):
             return {}, set()
-        may = valid[self._may_fire(b, valid, step)]
+        may = self._may_fire(b, valid, step)
         bad: dict[str, float] = {}
-        for i, rank in zip(may.tolist(), b.rank[may].tolist()):
+        judged: set = set()
+        for i, rank, m in zip(valid.tolist(), b.rank[valid].tolist(), may.tolist()):
             name = b.names[i]
-            x = np.asarray(step.value(name, rank))
-            act = self._active(step, name, x)
-            if act.ndim >= 2:
-                act_share = act.reshape(act.shape[0], -1).mean(axis=0)
-            else:
-                act_share = act.reshape(-1).astype(np.float64)
-            inactive = act_share * 100.0 < self.threshold_inactivity
+            hist = self._hist.setdefault(name, [])
+            hist.append([step.step, rank, bool(m), None])
+            del hist[: -self.window]
+            if len(hist) < self.window:
+                continue
+            judged.add(name)
+            if not any(e[2] for e in hist):
+                continue  # the statistics prove no step of the window can make it dead
+            total, samples = None, 0
+            for e in hist:
+                if e[3] is None:
+                    if e[0] == step.step:
+                        x = np.asarray(step.value(name, e[1]))
+                    else:
+                        x = np.asarray(step.run.tensor(name).value(e[0], e[1]))
+                    e[3] = self._counts(step, name, x)
+                cnt, n = e[3]
+                if total is not None and cnt.shape != total.shape:
+                    total, samples = None, 0  # the layer changed shape: restart the sum
+                total = cnt.astype(np.int64) if total is None else total + cnt
+                samples += n
+            share = total / max(samples, 1)
+            inactive = share * 100.0 < self.threshold_inactivity
             pct = 100.0 * float(inactive.mean())
             if pct > self.threshold_layer:
                 bad[name] = pct
-        return bad, lambda: {b.names[i] for i in valid.tolist()}
+        return bad, judged
 
     def _report(self, step: StepView, what: str, extra: dict) -> Optional[Finding]:
         bad, observed = self._scan(step)
@@ -795,12 +916,20 @@ class DeadRelu(_ActivityRule):
     except when the zero count proves the layer cannot be dead: a dead layer needs more than
     ``threshold_layer`` % of its units zero in at least ``100 - threshold_inactivity`` % of the
     samples, so a tensor (with no negative element) whose zero share is at most
-    ``layer * (1 - inactivity)`` is skipped.
+    ``layer * (1 - inactivity)`` at every step of the window is skipped.
+
+    A ReLU is active for a sample when its output is > 0. Its activity is accumulated over
+    the last ``window`` saved steps (default 5) before it is judged, so a layer is first
+    judged at its ``window``-th saved step: with 64-sample batches a healthy fully connected
+    layer can have more than half of its units silent in one batch by chance (they fire on
+    few inputs), which would make a single-step judgement flap; a dead unit stays silent for
+    every sample of the window. ``window=1`` judges each step alone (the previous behaviour).
 
     Args:
         tensor_regex: Names of ReLU outputs (besides the ``relu_output`` collection).
         threshold_inactivity: Percent of samples below which a ReLU counts as dead.
         threshold_layer: Percent of dead ReLUs above which a layer is reported.
+        window: Saved steps over which the activity of a ReLU is accumulated.
 
     """
 
@@ -812,8 +941,9 @@ class DeadRelu(_ActivityRule):
         tensor_regex: str = ".*relu_output",
         threshold_inactivity: float = 1.0,
         threshold_layer: float = 50.0,
+        window: int = 5,
     ) -> None:
-        super().__init__(tensor_regex, threshold_inactivity, threshold_layer)
+        super().__init__(tensor_regex, threshold_inactivity, threshold_layer, window)
 
     def _may_fire(self, b: StatsBatch, idx: np.ndarray, step: StepView) -> np.ndarray:
         bound = (self.threshold_layer / 100.0) * (1.0 - self.threshold_inactivity / 100.0)
@@ -824,7 +954,7 @@ class DeadRelu(_ActivityRule):
 
     def evaluate(self, step: StepView) -> Optional[Finding]:
         """Checks the ReLU outputs saved at ``step``."""
-        return self._report(step, "dead", {})
+        return self._report(step, "dead", {"window": self.window})
 
 
 class WeightUpdateRatio(Rule):
@@ -1185,14 +1315,18 @@ class LossNotDecreasing(Rule):
     """Fires when a loss did not drop by more than ``diff_percent`` % over ``num_steps``.
 
     The rule keeps a checkpoint per loss: the first saved loss, then, every time a loss is
-    saved at least ``num_steps`` mode steps after the checkpoint, it compares the mean of the
-    losses saved since the checkpoint with the checkpoint's value, and that mean becomes the
-    new checkpoint (one comparison per ``num_steps``, like SageMaker; averaging the saved
-    losses of the window damps mini-batch noise). It fires when
-    ``(checkpoint - mean) / |checkpoint| * 100 <= diff_percent``. ``mode=None`` uses eval
-    losses when the run has any so far, else train, else global ones. Losses are the tensors of
-    the ``losses`` collection (names starting with ``loss`` when the run has none).
-    Edge-triggered per loss name.
+    saved at least ``num_steps`` mode steps after the checkpoint, it compares the window of
+    losses saved since the checkpoint with the checkpoint, and that window becomes the new
+    checkpoint (one comparison per ``num_steps``, like SageMaker, against the loss
+    ``num_steps`` earlier). The comparison is noise-aware: a check counts as *not decreasing*
+    when ``(checkpoint - mean) / |checkpoint| * 100 <= diff_percent`` (SageMaker's condition,
+    on window means) **and** the mean exceeds ``checkpoint * (1 - diff_percent / 100)`` by at
+    least ``significance`` standard errors of the difference of the two window means (a
+    noise-free plateau has a standard error of 0 and always counts; a window mean a little
+    above the previous one by mini-batch noise does not). It fires after ``patience``
+    consecutive not-decreasing checks. ``mode=None`` uses eval losses when the run has any so
+    far, else train, else global ones. Losses are the tensors of the ``losses`` collection
+    (names starting with ``loss`` when the run has none). Edge-triggered per loss name.
 
     Args:
         use_losses_collection: Inspect the ``losses`` collection (``False``: only
@@ -1202,6 +1336,9 @@ class LossNotDecreasing(Rule):
         mode: ``"train"``, ``"eval"``, ``"global"`` or ``None`` (first with data of eval,
             train, global).
         tensor_regex: Further loss names (SageMaker's ``tensor_regex``).
+        significance: Standard errors by which the loss must sit above the required level
+            (``0``: SageMaker's plain comparison of the window means).
+        patience: Consecutive not-decreasing checks before firing.
 
     """
 
@@ -1214,9 +1351,13 @@ class LossNotDecreasing(Rule):
         diff_percent: float = 0.0,
         mode: Optional[Union[str, Mode]] = None,
         tensor_regex: Optional[str] = None,
+        significance: float = 2.0,
+        patience: int = 1,
     ) -> None:
         super().__init__()
         n = self.name
+        self.significance = _number(n, "significance", significance, minimum=0.0)
+        self.patience = _integer(n, "patience", patience, minimum=1)
         self.use_losses_collection = bool(use_losses_collection)
         self.num_steps = _integer(n, "num_steps", num_steps, minimum=1)
         self.diff_percent = _number(n, "diff_percent", diff_percent)
@@ -1259,28 +1400,25 @@ class LossNotDecreasing(Rule):
             key = (step.mode, name)
             st = self._state.get(key)
             if st is None:
-                self._state[key] = [ms, v, []]
+                self._state[key] = [ms, [v], [], 0]
                 continue
             st[2].append(v)
             if ms < st[0] + self.num_steps:
                 continue
-            cur = _mean(st[2])
-            ref = st[1]
-            if ref != 0:
-                drop = (ref - cur) / abs(ref) * 100.0
-            else:
-                drop = 0.0 if cur == 0 else (-math.inf if cur > 0 else math.inf)
+            flag, det = _not_decreasing(st[1], st[2], self.diff_percent, self.significance)
             observed.add(key)
-            if not drop > self.diff_percent:
+            count = st[3] + 1 if flag else 0
+            if flag and count >= self.patience:
                 firing.append(key)
                 details[key] = {
                     "reference_step": st[0],
-                    "reference_loss": ref,
-                    "loss": cur,
-                    "drop_percent": drop,
+                    **det,
                     "losses_averaged": len(st[2]),
+                    "consecutive_checks": count,
                 }
-            self._state[key] = [ms, cur, []]
+            elif count:
+                observed.discard(key)  # not decreasing, patience not reached: keep the edge
+            self._state[key] = [ms, st[2], [], count]
         new = self._edge.update(firing, observed)
         if not new:
             return None
@@ -1295,6 +1433,8 @@ class LossNotDecreasing(Rule):
             {
                 "num_steps": self.num_steps,
                 "diff_percent": self.diff_percent,
+                "significance": self.significance,
+                "patience": self.patience,
                 "mode": str(step.mode),
                 "tensors": list(ev),
                 "losses": ev,

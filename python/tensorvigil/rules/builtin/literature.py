@@ -547,14 +547,17 @@ class SlowConvergence(Rule):
     """The metric (accuracy-like, higher is better) stops improving while still low.
 
     Reads the ``metrics`` collection: every metric whose name matches ``metric_regex``, per name
-    and mode. The series is cut into windows of ``window`` saved steps; a window's gain is the
-    change of its mean against the previous window. From step ``after_fraction *
-    total_steps`` on, the rule fires when the best gain of the last ``windows`` windows is below
-    ``min_gain`` while the latest window's mean is below ``max_metric``. Without
-    ``total_steps`` the rule reports itself not applicable.
+    and mode. The series is cut into windows of ``window`` saved steps. The gain per window is
+    the least-squares slope of the metric over the values of the last ``windows + 1``
+    complete windows, times ``window`` (a trend, not the best difference of two noisy window
+    means: with mini-batch noise a flat metric shows a best difference above ``min_gain`` by
+    chance). From step ``after_fraction * total_steps`` on, the rule fires when the gain minus
+    one standard error of the slope (from the fit's residuals) is below ``min_gain``, i.e. the
+    metric is not shown (at one standard error) to improve by ``min_gain`` per window, while
+    the latest window's mean is below ``max_metric``. Without ``total_steps`` the rule reports itself not applicable.
 
     Args:
-        min_gain: Smallest acceptable best gain per window.
+        min_gain: Smallest acceptable gain (trend) per window.
         max_metric: Metric level below which slow progress counts.
         after_fraction: Share of the planned steps after which the rule judges.
         total_steps: Planned number of global steps (required to judge).
@@ -596,6 +599,18 @@ class SlowConvergence(Rule):
         self._reported_na = False
         self._buf: dict = {}
         self._means: dict = {}
+        self._values: dict = {}
+
+    def _trend(self, key: Any) -> tuple[float, float]:
+        """(gain per window, its standard error) from the values of the last windows."""
+        y = np.asarray(self._values[key], dtype=np.float64)
+        x = np.arange(len(y), dtype=np.float64)
+        x -= x.mean()
+        sxx = float(np.sum(x * x))
+        slope = float(np.sum(x * (y - y.mean()))) / sxx
+        resid = y - y.mean() - slope * x
+        se = math.sqrt(float(np.sum(resid * resid)) / max(len(y) - 2, 1) / sxx)
+        return slope * self.window, se * self.window
 
     def evaluate(self, step: StepView) -> Optional[list]:
         """Checks one step; returns the conditions that started to hold."""
@@ -635,6 +650,10 @@ class SlowConvergence(Rule):
                 self._means.setdefault(key, deque(maxlen=self.windows + 1)).append(
                     sum(buf) / len(buf)
                 )
+                vals = self._values.setdefault(
+                    key, deque(maxlen=(self.windows + 1) * self.window)
+                )
+                vals.extend(buf)
                 buf.clear()
         if step.step < self.after_fraction * self.total_steps:
             return None
@@ -656,19 +675,23 @@ class SlowConvergence(Rule):
                 continue
             m = np.asarray(means, dtype=np.float64)
             best = float(np.max(np.diff(m)))
+            gain, se = self._trend(key)
             latest = float(m[-1])
-            if not self._edge.rising(key, best < self.min_gain and latest < self.max_metric):
+            slow = gain - se < self.min_gain and latest < self.max_metric
+            if not self._edge.rising(key, slow):
                 continue
             out.append(
                 self.finding(
                     step,
-                    f"slow convergence: metric '{key[0]}' gained at best {_fmt(best)} per "
-                    f"window of {self.window} steps over the last {self.windows} windows "
+                    f"slow convergence: metric '{key[0]}' gains {_fmt(gain)} (+- {_fmt(se)}) per "
+                    f"window of {self.window} steps over the last {self.windows + 1} windows "
                     f"(< {_fmt(self.min_gain)}) and is still {_fmt(latest)} (< "
                     f"{_fmt(self.max_metric)}) after {step.step} of {self.total_steps} steps",
                     {
                         "metric": key[0],
                         "mode": key[1],
+                        "gain": gain,
+                        "gain_standard_error": se,
                         "best_gain": best,
                         "latest": latest,
                         "window_means": m.tolist(),
