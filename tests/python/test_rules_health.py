@@ -143,17 +143,41 @@ def test_poor_weight_initialization_variance_and_loss(tmp_run):
             "relu1/input": normal(1.0, (16, 8)),
             "relu2/input": normal(40.0, (16, 8)),
             "fc1.weight/grad": normal(0.1),
-            "loss": 2.0 + 0.01 * (s % 2),
+            "loss": 2.0,
         }
-        for s in range(8)
+        for s in range(12)
     ]
     write_run(tmp_run, steps, PWI_COLL)
     f = fired(tmp_run, H.PoorWeightInitialization())
     checks = {x.evidence["check"]: x for x in f}
     assert set(checks) == {"activation_variance", "loss"}
-    assert checks["activation_variance"].step == 0
+    # The ratio must exceed the threshold at a majority of the first steps=10 steps: 6 of 6.
+    assert checks["activation_variance"].step == 5
     assert checks["activation_variance"].evidence["ratio"] > 10
-    assert checks["loss"].step == 5  # patience=5: losses of steps 0..5
+    assert checks["activation_variance"].evidence["steps_above"] == 6
+    assert checks["loss"].step == 9  # patience=5: mean of losses 5..9 vs mean of 0..4
+
+
+def test_poor_weight_initialization_noise_aware_and_minority(tmp_run):
+    # Variance ratio above the threshold at 4 of the first 10 steps only; a noisy loss that
+    # does not drop between two windows by noise; one small quiet gradient tensor.
+    steps = [
+        {
+            "relu1/input": normal(1.0, (16, 8)),
+            "relu2/input": normal(40.0 if s < 4 else 1.5, (16, 8)),
+            "fc1.weight/grad": normal(0.1, (16, 16)),
+            "fc1.bias/grad": normal(1e-6, (16,)),
+            "loss": 2.0 - 0.01 * s + (0.3 if s % 3 == 0 else 0.0),
+        }
+        for s in range(12)
+    ]
+    write_run(
+        tmp_run,
+        steps,
+        {**PWI_COLL, "gradients": ["fc1.weight/grad", "fc1.bias/grad"]},
+        exp_hist=True,
+    )
+    assert fired(tmp_run, H.PoorWeightInitialization()) == []
 
 
 def test_poor_weight_initialization_gradient_spread(tmp_run):
@@ -231,12 +255,31 @@ def test_dead_relu(tmp_run):
         {"relu1/output": dead},
     ]
     write_run(tmp_run, steps, {"relu_output": ["relu1/output"]})
-    f = fired(tmp_run, H.DeadRelu())
+    f = fired(tmp_run, H.DeadRelu(window=1))
     assert steps_of(f) == [1]
     assert f[0].evidence["inactive_percent"]["relu1/output"] == pytest.approx(75.0)
     assert f[0].evidence["threshold_layer"] == 50.0
     # Stricter layer threshold: silent.
-    assert fired(tmp_run, H.DeadRelu(threshold_layer=80.0)) == []
+    assert fired(tmp_run, H.DeadRelu(threshold_layer=80.0, window=1)) == []
+    # Default window of 5 saved steps: a layer is judged on the activity of 5 steps.
+    other = tmp_run + "_window"
+    write_run(other, [{"relu1/output": dead} for _ in range(6)], {"relu_output": ["relu1/output"]})
+    f = fired(other, H.DeadRelu())
+    assert steps_of(f) == [4] and f[0].evidence["window"] == 5
+
+
+def test_dead_relu_window_accumulates_sparse_activity(tmp_run):
+    # 12 of 16 units are silent in most batches but each fires in some batch of the window:
+    # judged step by step the layer flaps, accumulated over 5 steps it is alive.
+    steps = []
+    for s in range(10):
+        x = np.maximum(normal(1.0, (32, 16)), 0)
+        x[:, :12] = 0.0
+        x[:4, (s % 4) * 3 : (s % 4) * 3 + 3] = 1.0
+        steps.append({"relu1/output": x})
+    write_run(tmp_run, steps, {"relu_output": ["relu1/output"]})
+    assert fired(tmp_run, H.DeadRelu(window=1))
+    assert fired(tmp_run, H.DeadRelu()) == []
 
 
 def test_dead_relu_silent_and_regex_without_collections(tmp_run):
@@ -331,6 +374,25 @@ def test_loss_not_decreasing(tmp_run):
     assert steps_of(f) == [10]
     assert f[0].evidence["losses"]["loss"]["drop_percent"] == 0.0
     assert f[0].evidence["mode"] == "train"
+
+
+def test_loss_not_decreasing_noise_aware(tmp_run):
+    # Decreasing loss with mini-batch noise: one window mean sits above the previous one by
+    # noise (0.36 -> 0.37), not by a significant amount: silent.
+    rng = np.random.default_rng(3)
+    losses = [1.0 / (1 + 0.1 * s) + 0.06 * rng.standard_normal() for s in range(60)]
+    write_run(tmp_run, [{"loss": v} for v in losses], LOSSES)
+    assert fired(tmp_run, H.LossNotDecreasing()) == []
+    # A clear rise counts, and patience requires consecutive checks.
+    other = tmp_run + "_rise"
+    write_run(other, [{"loss": 1.0 + 0.05 * s + 0.01 * (s % 2)} for s in range(40)], LOSSES)
+    # (the first check compares with one loss, whose noise is the window's spread: a rise
+    # of 0.28 against a spread of 0.15 is not significant; the next window's is)
+    assert steps_of(fired(other, H.LossNotDecreasing())) == [20]
+    assert steps_of(fired(other, H.LossNotDecreasing(patience=2))) == [30]
+    # significance=0 is the plain comparison of window means.
+    f = fired(tmp_run, H.LossNotDecreasing(significance=0.0))
+    assert all(x.evidence["significance"] == 0.0 for x in f)
 
 
 def test_loss_not_decreasing_silent_and_prefers_eval(tmp_run):
@@ -487,6 +549,8 @@ def test_defaults_and_all():
         "distribution_range": 0.001,
         "patience": 5,
         "steps": 10,
+        "min_elements": 100,
+        "significance": 2.0,
     }
     s = H.SaturatedActivation()
     assert s.threshold_tanh == (-9.4999, 9.4999) and s.threshold_sigmoid == (-23, 16.99999)

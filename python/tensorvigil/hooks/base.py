@@ -43,6 +43,8 @@ KINDS = (
 DEFAULT_COLLECTIONS = ("weights", "biases", "gradients", "losses", "metrics")
 
 STOP_REQUEST_NAME = "stop_request.json"
+_NO_TAGS: frozenset = frozenset()
+_UNDECIDED = object()
 COLLECTIONS_NAME = "collections.json"
 
 _ModeKey = Union[Mode, str, int]
@@ -669,19 +671,41 @@ class CaptureSession:
         return True
 
     def save_many(self, entries: Sequence[tuple[str, str, Any]]) -> None:
-        """Saves several ``(name, kind, value)`` at once: device tensors in one GPU launch."""
+        """Saves several ``(name, kind, value)`` at once: device tensors in one GPU launch.
+
+        The per-tensor work is a dictionary lookup: hooks call this with every parameter (or
+        gradient) of a model at every saved step.
+        """
         if not self._saving:
             return
         gpu_items = []
         gpu = self.gpu
+        plan = self.plan
+        members_cache = plan._members
+        written = self._written
+        decided: dict = {}
+        wrote = False
         for name, kind, value in entries:
-            d = self._claim(name, kind, frozenset(), "")
+            if name in written:
+                continue
+            m = members_cache.get((name, kind, _NO_TAGS, ""))
+            if m is None:
+                m = plan.members(name, kind)
+            d = decided.get(m, _UNDECIDED)
+            if d is _UNDECIDED:
+                d = decided[m] = plan.decide(m)
             if d is None:
                 continue
+            if name not in plan._noted:
+                plan.note_saved(name, kind, _NO_TAGS, m)
+            written.add(name)
+            wrote = True
             if gpu is not None and getattr(value, "is_cuda", False):
-                gpu_items.append((name, _device_ready(value), *d))
+                gpu_items.append((name, _device_ready(value), d[0], d[1]))
             else:
                 self._write(name, value, d)
+        if wrote:
+            self._wrote = True
         if gpu_items:
             gpu.submit(self.step, self.mode, self.mode_step, gpu_items, self.exp_hist_gpu)
 

@@ -226,9 +226,11 @@ class Hook:
             self._param_names[id(p)] = name
         self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
         self._optimizers = optimizers
+        want_opt_state = plan.could_want("optimizer_variables")
         for o in optimizers:
             self._handles.append(o.register_step_pre_hook(self._on_opt_pre_step))
-            self._handles.append(o.register_step_post_hook(self._on_opt_post_step))
+            if want_opt_state:  # else skip the per-step walk over the optimizer state
+                self._handles.append(o.register_step_post_hook(self._on_opt_post_step))
         if not optimizers and plan.could_want("gradients"):
             for name, p, _ in self._params:
                 if p.requires_grad:

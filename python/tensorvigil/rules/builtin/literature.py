@@ -554,7 +554,8 @@ class SlowConvergence(Rule):
     chance). From step ``after_fraction * total_steps`` on, the rule fires when the gain minus
     one standard error of the slope (from the fit's residuals) is below ``min_gain``, i.e. the
     metric is not shown (at one standard error) to improve by ``min_gain`` per window, while
-    the latest window's mean is below ``max_metric``. Without ``total_steps`` the rule reports itself not applicable.
+    the latest window's mean is below ``max_metric``. Without ``total_steps`` the rule reports
+    itself not applicable.
 
     Args:
         min_gain: Smallest acceptable gain (trend) per window.
@@ -650,9 +651,7 @@ class SlowConvergence(Rule):
                 self._means.setdefault(key, deque(maxlen=self.windows + 1)).append(
                     sum(buf) / len(buf)
                 )
-                vals = self._values.setdefault(
-                    key, deque(maxlen=(self.windows + 1) * self.window)
-                )
+                vals = self._values.setdefault(key, deque(maxlen=(self.windows + 1) * self.window))
                 vals.extend(buf)
                 buf.clear()
         if step.step < self.after_fraction * self.total_steps:
