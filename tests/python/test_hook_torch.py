@@ -238,6 +238,7 @@ def test_metrics_custom_and_histograms(tmp_run):
         collections=["metrics", "custom", "weights"],
         save=tv.SaveConfig(),
         hist_bins=16,
+        exp_hist=True,
         strict=True,
     ).register(model)
     with hook:
