@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from rule_helpers import fired, run_rule, steps_of
 
 import tensorvigil as tv
 from tensorvigil.rules.builtin.data import (
@@ -26,18 +27,6 @@ def write_run(path, steps, collections=None):
     with open(os.path.join(path, "collections.json"), "w", encoding="utf-8") as f:
         json.dump(collections or {"custom": names}, f)
     return path
-
-
-def run_rule(path, rule):
-    return tv.rules.RuleEngine(path, [rule], record=False).poll()
-
-
-def fired(findings):
-    return [f for f in findings if f.fired]
-
-
-def steps_of(findings):
-    return [f.step for f in fired(findings)]
 
 
 # -- ClassImbalance -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ rule keeps its own state between steps in attributes.
 from __future__ import annotations
 
 import datetime as _dt
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -359,10 +358,3 @@ class Rule:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{self.name}({args})"
-
-
-def _compile(regex: str) -> re.Pattern:
-    try:
-        return re.compile(regex)
-    except re.error as e:
-        raise InvalidArgumentError(f"bad regular expression {regex!r}: {e}") from None

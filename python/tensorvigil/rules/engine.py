@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..modes import Mode
-from .base import Finding, Rule, StatsBatch, StepView, _compile
+from ..store.reader import _compile
+from .base import Finding, Rule, StatsBatch, StepView
 
 logger = logging.getLogger("tensorvigil")
 
@@ -216,46 +217,37 @@ class RuleEngine:
                 if i not in self._unmet_reported:
                     self._unmet_reported.add(i)
                     what = ", ".join(needs.collections) if needs.collections else needs.regex
-                    out.append(
-                        self._emit(
-                            Finding(
-                                rule=rule.name,
-                                step=view.step,
-                                mode=str(view.mode),
-                                mode_step=view.mode_step,
-                                severity="info",
-                                kind="not_applicable",
-                                message=f"not applicable: the run has no tensors of {what}",
-                                evidence={"needs": what},
-                            )
-                        )
-                    )
+                    msg = f"not applicable: the run has no tensors of {what}"
+                    out.append(self._note(rule, view, "not_applicable", msg, {"needs": what}))
                 continue
             try:
                 res = rule.evaluate(view)
             except Exception as e:  # noqa: BLE001 - a broken rule must not stop the others
                 self._disabled.add(i)
                 tb = traceback.format_exception_only(type(e), e)[-1].strip()
-                out.append(
-                    self._emit(
-                        Finding(
-                            rule=rule.name,
-                            step=view.step,
-                            mode=str(view.mode),
-                            mode_step=view.mode_step,
-                            severity="error",
-                            kind="error",
-                            message=f"rule raised and was disabled: {tb}",
-                            evidence={"exception": type(e).__name__},
-                        )
-                    )
-                )
+                msg = f"rule raised and was disabled: {tb}"
+                out.append(self._note(rule, view, "error", msg, {"exception": type(e).__name__}))
                 continue
             if res is None:
                 continue
             for f in [res] if isinstance(res, Finding) else list(res):
                 out.append(self._emit(f))
         return out
+
+    def _note(self, rule: Rule, view: StepView, kind: str, message: str, evidence: dict) -> Finding:
+        """Emits a finding about the rule itself (not applicable, or broken)."""
+        return self._emit(
+            Finding(
+                rule=rule.name,
+                step=view.step,
+                mode=str(view.mode),
+                mode_step=view.mode_step,
+                severity="error" if kind == "error" else "info",
+                kind=kind,
+                message=message,
+                evidence=evidence,
+            )
+        )
 
     def _emit(self, f: Finding) -> Finding:
         self.findings.append(f)
