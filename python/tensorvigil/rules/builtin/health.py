@@ -24,13 +24,14 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, Hashable, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ...errors import InvalidArgumentError, NotFoundError
 from ...modes import Mode, to_mode
 from ..base import Finding, Needs, Rule, StatsBatch, StepView
+from .literature import _Edge
 
 __all__ = [
     "AllZero",
@@ -278,26 +279,6 @@ def _listing(items: Sequence[tuple[str, Any]], fmt: str = "{:.3g}") -> str:
     if len(parts) > _MAX_LISTED:
         parts = parts[:_MAX_LISTED] + [f"and {len(items) - _MAX_LISTED} more"]
     return ", ".join(parts)
-
-
-class _Edge:
-    """Edge trigger: a key is reported when it starts firing, again only after it cleared."""
-
-    def __init__(self) -> None:
-        self.active: set = set()
-
-    def update(
-        self, firing: Iterable[Hashable], observed: Union[set, Callable[[], set], None] = None
-    ) -> list:
-        """Returns the keys of ``firing`` that were not firing; ``observed`` keys clear."""
-        firing = list(dict.fromkeys(firing))
-        new = [k for k in firing if k not in self.active]
-        if self.active and observed is not None:
-            obs = observed() if callable(observed) else observed
-            fs = set(firing)
-            self.active = {k for k in self.active if k in fs or k not in obs}
-        self.active.update(firing)
-        return new
 
 
 # -- losses ---------------------------------------------------------------------------------------

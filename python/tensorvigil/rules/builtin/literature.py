@@ -91,21 +91,26 @@ class _Edge:
     def __init__(self) -> None:
         self.active: set = set()
 
-    def update(self, holding: Iterable[Hashable], checked: Optional[Iterable] = None) -> list:
+    def update(
+        self,
+        holding: Iterable[Hashable],
+        checked: Iterable | Callable[[], Iterable] | None = None,
+    ) -> list:
         """Records the keys that hold now; returns those that just started to hold.
 
         Args:
             holding: Keys whose condition holds at this step.
-            checked: Keys evaluated at this step (those not holding clear); default: every key
-                not in ``holding`` clears.
+            checked: Keys evaluated at this step (those not holding clear), or a function
+                returning them (called only when some key is active); default: every key not
+                in ``holding`` clears.
 
         """
         holding = list(dict.fromkeys(holding))
         hold = set(holding)
         if checked is None:
             self.active &= hold
-        else:
-            self.active -= set(checked) - hold
+        elif self.active:
+            self.active -= set(checked() if callable(checked) else checked) - hold
         new = [k for k in holding if k not in self.active]
         self.active |= hold
         return new
