@@ -272,6 +272,11 @@ class _Coll:
         self.hist_bins = hist_bins
 
 
+def _selects(c: _Coll, key: _TensorKey, module: str) -> bool:
+    """Whether collection ``c`` selects the tensor ``key`` of module ``module``."""
+    return c.user.matches(key, module) if c.user is not None else c.pred(key)
+
+
 class CapturePlan:
     """Decides, per step and tensor, whether to save it and how (statistics only or values)."""
 
@@ -356,13 +361,7 @@ class CapturePlan:
 
         """
         key = _TensorKey(name, kind, tags)
-        for c in self.colls:
-            if c.user is not None:
-                if c.user.matches(key, module):
-                    return True
-            elif c.pred(key):
-                return True
-        return False
+        return any(_selects(c, key, module) for c in self.colls)
 
     def begin(self, mode: Mode, mode_step: int) -> bool:
         """Computes which collections save this step; returns whether any does."""
@@ -385,7 +384,7 @@ class CapturePlan:
             m = tuple(
                 i
                 for i, c in enumerate(self.colls)
-                if (c.user.matches(key, module) if c.user is not None else c.pred(key))
+                if _selects(c, key, module)
             )
             self._members[(name, kind, tags, module)] = m
         return m
@@ -619,13 +618,24 @@ class CaptureSession:
         """Whether any collection saves the open step."""
         return self._saving and not self.disabled
 
-    def _claim(self, name: str, kind: str, tags: frozenset, module: str) -> Optional[tuple]:
-        """The save decision for ``name`` now, marking it written; ``None``: do not save."""
+    def _claim(
+        self, name: str, kind: str, tags: frozenset, module: str, decided: Optional[dict] = None
+    ) -> Optional[tuple]:
+        """The save decision for ``name`` now, marking it written; ``None``: do not save.
+
+        ``decided`` memoises decisions by collection membership within one batch (every
+        parameter of a model shares a handful of memberships).
+        """
         if not self._saving or name in self._written:
             return None
         plan = self.plan
         members = plan.members(name, kind, tags, module)
-        d = plan.decide(members)
+        if decided is None:
+            d = plan.decide(members)
+        else:
+            d = decided.get(members, _UNDECIDED)
+            if d is _UNDECIDED:
+                d = decided[members] = plan.decide(members)
         if d is None:
             return None
         if name not in plan._noted:
@@ -672,47 +682,23 @@ class CaptureSession:
     def save_many(self, entries: Sequence[tuple[str, str, Any]]) -> None:
         """Saves several ``(name, kind, value)`` at once: device tensors in one GPU launch.
 
-        The per-tensor work is a dictionary lookup: hooks call this with every parameter (or
-        gradient) of a model at every saved step.
+        Hooks call this with every parameter (or gradient) of a model at every saved step.
         """
         if not self._saving:
             return
         gpu_items = []
         gpu = self.gpu
-        plan = self.plan
-        members_cache = plan._members
-        written = self._written
         decided: dict = {}
-        wrote = False
         for name, kind, value in entries:
-            if name in written:
-                continue
-            m = members_cache.get((name, kind, _NO_TAGS, ""))
-            if m is None:
-                m = plan.members(name, kind)
-            d = decided.get(m, _UNDECIDED)
-            if d is _UNDECIDED:
-                d = decided[m] = plan.decide(m)
+            d = self._claim(name, kind, _NO_TAGS, "", decided)
             if d is None:
                 continue
-            if name not in plan._noted:
-                plan.note_saved(name, kind, _NO_TAGS, m)
-            written.add(name)
-            wrote = True
             if gpu is not None and getattr(value, "is_cuda", False):
                 gpu_items.append((name, _device_ready(value), d[0], d[1]))
             else:
                 self._write(name, value, d)
-        if wrote:
-            self._wrote = True
         if gpu_items:
             gpu.submit(self.step, self.mode, self.mode_step, gpu_items, self.exp_hist_gpu)
-
-    def wants(self, name: str, kind: str, tags: frozenset = frozenset(), module: str = "") -> bool:
-        """Whether :meth:`save` would save ``name`` now (to skip expensive preparation)."""
-        if not self._saving or name in self._written:
-            return False
-        return self.plan.decide(self.plan.members(name, kind, tags, module)) is not None
 
     def attach_rules(self, rules: Sequence[Any], on_finding: Any) -> None:
         """Evaluates ``rules`` on a background thread as steps are committed (rank 0 only).
