@@ -523,3 +523,35 @@ def test_on_finding_callback_and_bad_value(tmp_run):
             model(torch.randn(2, 6))
             hook.record_loss(float(i))
     assert [f.step for f in seen] == [1, 2]  # evaluated at the latest at close
+
+
+def test_user_collections_of_optimizer_state_and_backward_gradients(tmp_run):
+    # A regex-selected user collection alone must make the hook watch the optimizer state,
+    # and (without an optimizer) the backward pass.
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    hook = tv.torch.Hook(
+        tmp_run,
+        collections=[tv.Collection("first", include=[r"^0\."], kinds=["optimizer_variables"])],
+        save=tv.SaveConfig(),
+        strict=True,
+    ).register(model, opt)
+    with hook:
+        train(hook, model, opt, 2, record=False)
+    assert tv.open(tmp_run).tensor_names() == [
+        "0.bias/exp_avg",
+        "0.bias/exp_avg_sq",
+        "0.weight/exp_avg",
+        "0.weight/exp_avg_sq",
+    ]
+    other = os.path.join(os.path.dirname(tmp_run), "no-opt")
+    model = mlp()
+    hook = tv.torch.Hook(
+        other,
+        collections=[tv.Collection("g2", include=[r"^2\.weight"], kinds=["gradients"])],
+        save=tv.SaveConfig(),
+        strict=True,
+    ).register(model)
+    with hook:
+        model(torch.randn(3, 6)).sum().backward()
+    assert tv.open(other).tensor_names() == ["2.weight/grad"]

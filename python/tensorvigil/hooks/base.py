@@ -349,7 +349,11 @@ class CapturePlan:
         return _Coll(name, pred, user, save, reductions_only, hist_bins)
 
     def could_want(
-        self, kind: str, tags: frozenset = frozenset(), module: str = "", name: str = ""
+        self,
+        kind: str,
+        tags: frozenset = frozenset(),
+        module: Optional[str] = None,
+        name: str = "",
     ) -> bool:
         """Whether any collection could select a tensor of ``kind`` (for hook registration).
 
@@ -357,10 +361,16 @@ class CapturePlan:
             kind: Tensor kind.
             tags: Tags of the tensor (``relu``, ``container`` ...).
             module: Module the tensor belongs to, matched by user collections' regexes.
+                ``None`` asks about the kind alone: a user collection of that kind could
+                select some tensor of it, whatever its regexes.
             name: Tensor name, matched as well.
 
         """
         key = _TensorKey(name, kind, tags)
+        if module is None:
+            return any(
+                kind in c.user.kinds if c.user is not None else c.pred(key) for c in self.colls
+            )
         return any(_selects(c, key, module) for c in self.colls)
 
     def begin(self, mode: Mode, mode_step: int) -> bool:
