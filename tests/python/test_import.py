@@ -25,33 +25,30 @@ def test_cli_ls_and_stats(tmp_path):
             w.commit(step)
     cli = [sys.executable, "-m", "tensorvigil"]
     out = subprocess.run([*cli, "ls", run], capture_output=True, text=True, check=True).stdout
-    assert "steps    3 committed (0..2)" in out
-    assert "fc1.weight" in out and "float32" in out and "[4, 4]" in out
+    assert "steps     3 committed (0..2): train 3" in out
+    assert "findings  0" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("fc1.weight"))
+    assert row == ["fc1.weight", "-", "float32", "4x4", "3", "0..2", "values"]
     out = subprocess.run(
         [*cli, "stats", run, "--tensor", "loss"], capture_output=True, text=True, check=True
     ).stdout
-    assert "loss" in out and "0.3333" in out
-    bad = subprocess.run([*cli, "ls", str(tmp_path / "nope")], capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("tensorvigil: error: no run at")
-    assert "Traceback" not in bad.stderr
-
-
-def test_demo_runs(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tensorvigil",
-            "demo",
-            "--out",
-            str(tmp_path / "demo"),
-            "--steps",
-            "60",
-        ],
+    rows = [line.split() for line in out.splitlines() if line.startswith("loss")]
+    assert [r[2] for r in rows] == ["0", "1", "2"] and rows[2][3] == "train"
+    assert rows[2][6] == "0.3333"
+    none = subprocess.run(
+        [*cli, "stats", run, "--tensor", "loss", "--mode", "eval"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "[good]" in out and "[bad]" in out
-    assert "tensorvigil ls" in out
+    assert none.startswith("no statistics match")
+    # A closed pipe (`| head`) ends the command quietly, without a traceback.
+    proc = subprocess.Popen([*cli, "stats", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, 141)
+    assert b"Traceback" not in err
+    bad = subprocess.run([*cli, "ls", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("tensorvigil: error: no run at")
+    assert "Traceback" not in bad.stderr

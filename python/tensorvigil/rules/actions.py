@@ -16,17 +16,18 @@ from ..errors import InvalidArgumentError
 from .base import Finding
 
 logger = logging.getLogger("tensorvigil")
+findings_logger = logging.getLogger("tensorvigil.findings")
 
 
 class Log:
-    """Logs each finding on the ``tensorvigil`` logger (fired: WARNING, others: INFO)."""
+    """Logs each finding on the ``tensorvigil.findings`` logger (fired: WARNING, others: INFO)."""
 
     def __call__(self, f: Finding) -> None:
         """Logs ``f``."""
         level = logging.WARNING if f.fired else logging.INFO
         if f.kind == "error":
             level = logging.ERROR
-        logger.log(level, "tensorvigil finding: %s", f)
+        findings_logger.log(level, "tensorvigil finding: %s", f)
 
 
 class Callback:
