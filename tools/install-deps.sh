@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # System packages needed to build tensorvigil from source on Debian/Ubuntu:
-# a C++17 compiler and the zstd library (+ GoogleTest with --test).
+# a C++17 compiler and the zstd library (+ GoogleTest and MXNet's runtime libraries with --test).
 set -euo pipefail
 pkgs=(g++ libzstd-dev)
-if [[ "${1:-}" == "--test" ]]; then pkgs+=(libgtest-dev); fi
+if [[ "${1:-}" == "--test" ]]; then
+  pkgs+=(libgtest-dev libgomp1)  # libgomp1 (+ libquadmath0): what the mxnet==1.9.1 wheel links
+  pkgs+=(chromium)  # headless check of the HTML report (tests/python/test_report.py)
+  if [[ $(uname -m) == x86_64 ]]; then pkgs+=(libquadmath0); fi
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
