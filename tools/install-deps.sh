@@ -8,6 +8,9 @@ if [[ "${1:-}" == "--test" ]]; then
   pkgs+=(chromium)  # headless check of the HTML report (tests/python/test_report.py)
   if [[ $(uname -m) == x86_64 ]]; then pkgs+=(libquadmath0); fi
 fi
+if [[ "${1:-}" == "--fuzz" ]]; then
+  pkgs+=(clang-14 libclang-rt-14-dev)  # libFuzzer + sanitizers for tools/fuzz.sh
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

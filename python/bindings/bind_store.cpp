@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <shared_mutex>
@@ -62,6 +65,100 @@ struct ReaderHandle {
 template <typename T>
 py::array_t<T> column(std::size_t n) {
   return py::array_t<T>(static_cast<py::ssize_t>(n));
+}
+
+store::Selection selection(std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
+                           std::optional<int64_t> step_min, std::optional<int64_t> step_max,
+                           int mode) {
+  store::Selection sel;
+  sel.name_ids = std::move(name_ids);
+  sel.ranks = std::move(ranks);
+  if (step_min) sel.step_min = *step_min;
+  if (step_max) sel.step_max = *step_max;
+  sel.mode = mode;
+  return sel;
+}
+
+/// One numpy column: get(i) for every row i of idx.
+template <typename T, typename F>
+py::array_t<T> fill(const std::size_t* idx, std::size_t n, F get) {
+  auto out = column<T>(n);
+  T* p = out.mutable_data();
+  for (std::size_t i = 0; i < n; ++i) p[i] = get(idx[i]);
+  return out;
+}
+
+/// The statistics columns of rows `idx` (every column when `wanted` is empty). Requires the
+/// reader's lock held shared.
+py::dict row_columns(const RunReader& r, const std::size_t* idx, std::size_t n,
+                     const std::vector<std::string>& wanted) {
+  static const char* const kNames[] = {"name_id", "rank",   "step",  "mode", "mode_step",
+                                       "has_value", "numel", "nan",   "posinf", "neginf",
+                                       "zeros",   "min",    "max",   "mean", "var",
+                                       "std",     "l1",     "l2",    "abs_max", "wall_time"};
+  const store::RecordRow* rows = r.rows().data();
+  const store::StatsTable& t = r.stats_table();
+  const uint64_t *numel = t.numel.data(), *nan = t.nan.data(), *pinf = t.posinf.data(),
+                 *ninf = t.neginf.data();
+  const double *m2 = t.m2.data(), *mean = t.mean.data();
+  auto finite = [=](std::size_t i) {
+    return static_cast<double>(numel[i] - nan[i] - pinf[i] - ninf[i]);
+  };
+  // As TensorStats::var() (NaN without finite elements), std() and l2().
+  auto var = [=](std::size_t i) {
+    const double f = finite(i);
+    return f > 0 ? m2[i] / f : std::numeric_limits<double>::quiet_NaN();
+  };
+  auto u64 = [&](const std::vector<uint64_t>& c) {
+    const uint64_t* p = c.data();
+    return fill<uint64_t>(idx, n, [p](std::size_t i) { return p[i]; });
+  };
+  auto f64 = [&](const std::vector<double>& c) {
+    const double* p = c.data();
+    return fill<double>(idx, n, [p](std::size_t i) { return p[i]; });
+  };
+  py::dict d;
+  for (const char* name : kNames) {
+    const std::string k = name;
+    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), k) == wanted.end()) continue;
+    py::object col;
+    if (k == "name_id")
+      col = fill<int32_t>(idx, n, [rows](std::size_t i) { return static_cast<int32_t>(rows[i].name_id); });
+    else if (k == "rank")
+      col = fill<uint32_t>(idx, n, [rows](std::size_t i) { return rows[i].rank; });
+    else if (k == "step")
+      col = fill<int64_t>(idx, n, [rows](std::size_t i) { return rows[i].step; });
+    else if (k == "mode")
+      col = fill<uint8_t>(idx, n, [rows](std::size_t i) { return static_cast<uint8_t>(rows[i].mode); });
+    else if (k == "mode_step")
+      col = fill<int64_t>(idx, n, [rows](std::size_t i) { return rows[i].mode_step; });
+    else if (k == "has_value")
+      col = fill<bool>(idx, n, [rows](std::size_t i) { return rows[i].has_value(); });
+    else if (k == "numel") col = u64(t.numel);
+    else if (k == "nan") col = u64(t.nan);
+    else if (k == "posinf") col = u64(t.posinf);
+    else if (k == "neginf") col = u64(t.neginf);
+    else if (k == "zeros") col = u64(t.zeros);
+    else if (k == "min") col = f64(t.min);
+    else if (k == "max") col = f64(t.max);
+    else if (k == "mean") col = f64(t.mean);
+    else if (k == "var") col = fill<double>(idx, n, var);
+    else if (k == "std")
+      col = fill<double>(idx, n, [&](std::size_t i) { return std::sqrt(var(i)); });
+    else if (k == "l1") col = f64(t.abs_sum);
+    else if (k == "l2")
+      col = fill<double>(idx, n, [&](std::size_t i) {
+        return std::sqrt(m2[i] + finite(i) * mean[i] * mean[i]);
+      });
+    else if (k == "abs_max") col = f64(t.abs_max);
+    else col = fill<double>(idx, n, [rows](std::size_t i) { return rows[i].wall_time; });
+    d[name] = col;
+  }
+  for (const std::string& k : wanted)
+    if (std::find_if(std::begin(kNames), std::end(kNames), [&](const char* x) { return k == x; }) ==
+        std::end(kNames))
+      throw_error(ErrorCode::kInvalidArgument, "[run_reader.row_columns] unknown column '" + k + "'");
+  return d;
 }
 
 }  // namespace
@@ -207,7 +304,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
       .def("ended", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.ended(rank); })
       .def("writer_alive", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.writer_alive(rank); })
       .def_property_readonly("problems", [](const ReaderHandle& h) { SHARED(h); return r.problems(); })
-      .def("num_records", [](const ReaderHandle& h) { SHARED(h); return r.records().size(); })
+      .def("num_records", [](const ReaderHandle& h) { SHARED(h); return r.num_records(); })
       .def(
           "record",
           [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
@@ -215,9 +312,8 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
             {
               SHARED(h);
               int64_t id = r.name_id(name);
-              const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
-              if (!rec) return py::none();
-              copy = *rec;
+              if (id >= 0) copy = r.find(static_cast<uint32_t>(id), step, rank);
+              if (!copy) return py::none();
             }
             if (copy->hists_elided) {
               py::gil_scoped_release nogil;
@@ -236,8 +332,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
             {
               SHARED(h);
               int64_t id = r.name_id(name);
-              const RecordInfo* rec = id < 0 ? nullptr : r.find(static_cast<uint32_t>(id), step, rank);
-              if (rec) copy = *rec;
+              if (id >= 0) copy = r.find(static_cast<uint32_t>(id), step, rank);
             }
             if (!copy)
               throw_error(ErrorCode::kNotFound, "[run_reader.read] no tensor '" + name +
@@ -257,23 +352,46 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
           py::arg("name"), py::arg("step"), py::arg("rank") = 0, py::arg("threads") = 2,
           "Decodes the values of (name, step, rank) into a new numpy array.")
       .def(
+          "value_location",
+          [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
+            SHARED(h);
+            int64_t id = r.name_id(name);
+            if (id < 0) return py::none();
+            std::optional<RecordInfo> rec = r.find(static_cast<uint32_t>(id), step, rank);
+            if (!rec) return py::none();
+            return py::make_tuple(r.shard_path(rec->shard), rec->frame_offset,
+                                  rec->payload_offset + rec->payload_len);
+          },
+          py::arg("name"), py::arg("step"), py::arg("rank") = 0,
+          "(shard path, frame offset, end offset) of the frame holding (name, step, rank), or "
+          "None. Reading the value reads exactly these bytes.")
+      .def(
           "commits",
-          [](const ReaderHandle& h) {
+          [](const ReaderHandle& h, std::size_t start) {
             SHARED(h);
             const auto& cs = r.commits();
-            auto rank = column<uint32_t>(cs.size());
-            auto step = column<int64_t>(cs.size());
-            auto mode_step = column<int64_t>(cs.size());
-            auto mode = column<uint8_t>(cs.size());
-            auto wall = column<double>(cs.size());
-            auto ntens = column<uint32_t>(cs.size());
-            for (std::size_t i = 0; i < cs.size(); ++i) {
-              rank.mutable_data()[i] = cs[i].rank;
-              step.mutable_data()[i] = cs[i].step;
-              mode_step.mutable_data()[i] = cs[i].mode_step;
-              mode.mutable_data()[i] = static_cast<uint8_t>(cs[i].mode);
-              wall.mutable_data()[i] = cs[i].wall_time;
-              ntens.mutable_data()[i] = cs[i].num_tensors;
+            const std::size_t first = std::min(start, cs.size());
+            const std::size_t n = cs.size() - first;
+            auto rank = column<uint32_t>(n);
+            auto step = column<int64_t>(n);
+            auto mode_step = column<int64_t>(n);
+            auto mode = column<uint8_t>(n);
+            auto wall = column<double>(n);
+            auto ntens = column<uint32_t>(n);
+            uint32_t* pr = rank.mutable_data();
+            int64_t* ps = step.mutable_data();
+            int64_t* pms = mode_step.mutable_data();
+            uint8_t* pm = mode.mutable_data();
+            double* pw = wall.mutable_data();
+            uint32_t* pn = ntens.mutable_data();
+            for (std::size_t i = 0; i < n; ++i) {
+              const store::StepInfo& c = cs[first + i];
+              pr[i] = c.rank;
+              ps[i] = c.step;
+              pms[i] = c.mode_step;
+              pm[i] = static_cast<uint8_t>(c.mode);
+              pw[i] = c.wall_time;
+              pn[i] = c.num_tensors;
             }
             py::dict d;
             d["rank"] = rank;
@@ -284,83 +402,61 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
             d["num_tensors"] = ntens;
             return d;
           },
-          "Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors.")
+          py::arg("start") = 0,
+          "Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors "
+          "(commits from number ``start`` on, in the order the reader saw them).")
       .def(
           "stats_columns",
           [](const ReaderHandle& h, std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
              std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
-            store::Selection sel;
-            sel.name_ids = std::move(name_ids);
-            sel.ranks = std::move(ranks);
-            if (step_min) sel.step_min = *step_min;
-            if (step_max) sel.step_max = *step_max;
-            sel.mode = mode;
+            store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
+                                             step_max, mode);
             SHARED(h);
             std::vector<std::size_t> idx = r.select(sel);
-            const std::size_t n = idx.size();
-            auto name_id = column<int32_t>(n);
-            auto rank = column<uint32_t>(n);
-            auto step = column<int64_t>(n);
-            auto mode_step = column<int64_t>(n);
-            auto md = column<uint8_t>(n);
-            auto has_value = column<bool>(n);
-            const char* u64_names[] = {"numel", "nan", "posinf", "neginf", "zeros"};
-            const char* f64_names[] = {"min", "max", "mean", "var", "std", "l1", "l2", "abs_max", "wall_time"};
-            std::vector<py::array_t<uint64_t>> u64;
-            std::vector<py::array_t<double>> f64;
-            for (int k = 0; k < 5; ++k) u64.push_back(column<uint64_t>(n));
-            for (int k = 0; k < 9; ++k) f64.push_back(column<double>(n));
-            {
-              int32_t* pn = name_id.mutable_data();
-              uint32_t* pr = rank.mutable_data();
-              int64_t* ps = step.mutable_data();
-              int64_t* pms = mode_step.mutable_data();
-              uint8_t* pm = md.mutable_data();
-              bool* pv = has_value.mutable_data();
-              uint64_t* pu[5];
-              double* pf[9];
-              for (int k = 0; k < 5; ++k) pu[k] = u64[k].mutable_data();
-              for (int k = 0; k < 9; ++k) pf[k] = f64[k].mutable_data();
-              const auto& recs = r.records();
-              for (std::size_t i = 0; i < n; ++i) {
-                const RecordInfo& rec = recs[idx[i]];
-                const TensorStats& s = rec.stats;
-                pn[i] = static_cast<int32_t>(rec.name_id);
-                pr[i] = rec.rank;
-                ps[i] = rec.step;
-                pms[i] = rec.mode_step;
-                pm[i] = static_cast<uint8_t>(rec.mode);
-                pv[i] = rec.has_value();
-                pu[0][i] = s.numel;
-                pu[1][i] = s.nan;
-                pu[2][i] = s.posinf;
-                pu[3][i] = s.neginf;
-                pu[4][i] = s.zeros;
-                pf[0][i] = s.min;
-                pf[1][i] = s.max;
-                pf[2][i] = s.mean;
-                pf[3][i] = s.var();
-                pf[4][i] = s.std();
-                pf[5][i] = s.l1();
-                pf[6][i] = s.l2();
-                pf[7][i] = s.abs_max;
-                pf[8][i] = rec.wall_time;
-              }
-            }
-            py::dict d;
-            d["name_id"] = name_id;
-            d["rank"] = rank;
-            d["step"] = step;
-            d["mode"] = md;
-            d["mode_step"] = mode_step;
-            d["has_value"] = has_value;
-            for (int k = 0; k < 5; ++k) d[u64_names[k]] = u64[k];
-            for (int k = 0; k < 9; ++k) d[f64_names[k]] = f64[k];
-            return d;
+            return row_columns(r, idx.data(), idx.size(), {});
           },
           py::arg("name_ids") = std::vector<uint32_t>{}, py::arg("ranks") = std::vector<uint32_t>{},
           py::arg("step_min") = py::none(), py::arg("step_max") = py::none(), py::arg("mode") = -1,
-          "Statistics of the selected records as numpy columns (one row per record).");
+          "Statistics of the selected records as numpy columns (one row per record).")
+      .def(
+          "select_rows",
+          [](const ReaderHandle& h, std::vector<uint32_t> name_ids, std::vector<uint32_t> ranks,
+             std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
+            store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
+                                             step_max, mode);
+            std::vector<std::size_t> idx;
+            {
+              SHARED(h);
+              idx = r.select(sel);
+            }
+            auto out = column<uint64_t>(idx.size());
+            std::copy(idx.begin(), idx.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("name_ids") = std::vector<uint32_t>{}, py::arg("ranks") = std::vector<uint32_t>{},
+          py::arg("step_min") = py::none(), py::arg("step_max") = py::none(), py::arg("mode") = -1,
+          R"doc(Row numbers (in the reader's record table) of the selected records, in table order.
+
+They stay valid across ``refresh`` (rows are only appended, or replaced by a rewrite of the same
+tensor, step and rank); ``row_columns`` reads their columns.)doc")
+      .def(
+          "row_columns",
+          [](const ReaderHandle& h, py::array_t<uint64_t, py::array::c_style | py::array::forcecast> rows,
+             std::vector<std::string> columns) {
+            SHARED(h);
+            const uint64_t* p = rows.data();
+            const std::size_t n = static_cast<std::size_t>(rows.size());
+            const std::size_t total = r.num_records();
+            for (std::size_t i = 0; i < n; ++i)
+              if (p[i] >= total)
+                throw_error(ErrorCode::kInvalidArgument,
+                            "[run_reader.row_columns] row " + std::to_string(p[i]) +
+                                " is out of range (" + std::to_string(total) + " records)");
+            static_assert(sizeof(uint64_t) == sizeof(std::size_t));
+            return row_columns(r, reinterpret_cast<const std::size_t*>(p), n, columns);
+          },
+          py::arg("rows"), py::arg("columns") = std::vector<std::string>{},
+          "Columns (all when ``columns`` is empty) of the given rows, as ``stats_columns``.");
 }
 
 }  // namespace tensorvigil::py_bind

@@ -9,6 +9,7 @@ void init_device(py::module_& m);
 void init_stats(py::module_& m);
 void init_store(py::module_& m);
 void init_cuda(py::module_& m);
+void init_fsck(py::module_& m);
 }  // namespace tensorvigil::py_bind
 
 PYBIND11_MODULE(_core, m) {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_core, m) {
   tensorvigil::py_bind::init_stats(m);
   tensorvigil::py_bind::init_store(m);
   tensorvigil::py_bind::init_cuda(m);
+  tensorvigil::py_bind::init_fsck(m);
 }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from . import _core
 from .errors import (
+    AccessDeniedError,
     DataCorruptionError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -39,7 +40,7 @@ from .store import open_run as open
 
 __version__: str = _core.__version__
 
-_LAZY_MODULES = ("torch", "cuda", "rules")
+_LAZY_MODULES = ("torch", "mxnet", "jax", "keras", "xgboost", "cuda", "rules", "plot", "report")
 
 
 def __getattr__(name: str):
@@ -52,6 +53,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AccessDeniedError",
     "Collection",
     "DataCorruptionError",
     "FailedPreconditionError",

@@ -4,8 +4,9 @@ tensorvigil native core: fused statistics and the tensor store.
 from __future__ import annotations
 import collections.abc
 import numpy
+import numpy.typing
 import typing
-__all__: list[str] = ['CudaPendingStats', 'ErrorCode', 'GpuCapture', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'cuda_compute_stats', 'get_num_threads', 'set_num_threads']
+__all__: list[str] = ['CudaPendingStats', 'ErrorCode', 'GpuCapture', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'cuda_compute_stats', 'fsck_check_shard', 'fsck_write_sealed_copy', 'get_num_threads', 'set_num_threads']
 class ErrorCode:
     """
     Categories of core errors (see docs/FORMAT.md).
@@ -310,9 +311,9 @@ class RunReader:
     """
     def __init__(self, run_dir: str, strict: bool = True) -> None:
         ...
-    def commits(self) -> dict:
+    def commits(self, start: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
         """
-        Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors.
+        Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors (commits from number ``start`` on, in the order the reader saw them).
         """
     def ended(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
@@ -336,9 +337,24 @@ class RunReader:
         """
         Reads what was appended; returns the number of newly committed steps.
         """
+    def row_columns(self, rows: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], columns: collections.abc.Sequence[str] = []) -> dict:
+        """
+        Columns (all when ``columns`` is empty) of the given rows, as ``stats_columns``.
+        """
+    def select_rows(self, name_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], ranks: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], step_min: typing.SupportsInt | typing.SupportsIndex | None = None, step_max: typing.SupportsInt | typing.SupportsIndex | None = None, mode: typing.SupportsInt | typing.SupportsIndex = -1) -> numpy.typing.NDArray[numpy.uint64]:
+        """
+        Row numbers (in the reader's record table) of the selected records, in table order.
+        
+        They stay valid across ``refresh`` (rows are only appended, or replaced by a rewrite of the same
+        tensor, step and rank); ``row_columns`` reads their columns.
+        """
     def stats_columns(self, name_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], ranks: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], step_min: typing.SupportsInt | typing.SupportsIndex | None = None, step_max: typing.SupportsInt | typing.SupportsIndex | None = None, mode: typing.SupportsInt | typing.SupportsIndex = -1) -> dict:
         """
         Statistics of the selected records as numpy columns (one row per record).
+        """
+    def value_location(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, rank: typing.SupportsInt | typing.SupportsIndex = 0) -> typing.Any:
+        """
+        (shard path, frame offset, end offset) of the frame holding (name, step, rank), or None. Reading the value reads exactly these bytes.
         """
     def writer_alive(self, arg0: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
@@ -450,6 +466,42 @@ def cuda_compute_stats(tensors: collections.abc.Sequence[tuple[typing.SupportsIn
     
     Returns:
         CudaPendingStats.
+    """
+def fsck_check_shard(path: str, rank: typing.SupportsInt | typing.SupportsIndex = -1, seq: typing.SupportsInt | typing.SupportsIndex = -1, verify_values: bool = True) -> dict:
+    """
+    Scans one shard file and verifies every checksum (docs/RELIABILITY.md).
+    
+    Args:
+        path: Shard file.
+        rank: Rank its path names (-1: do not check the header against it).
+        seq: Seq its path names (-1: do not check).
+        verify_values: Also read and decode every tensor payload.
+    
+    Returns:
+        A dict: ``index_state`` ("sealed", "absent", "footer_damaged", "index_corrupt" or "none"),
+        ``scan_end``, frame counts, ``commit_end`` (the offset a repair keeps up to),
+        ``committed_steps`` and ``problems`` (a list of ``(offset, message)``).
+    
+    Raises:
+        StoreIOError: the file cannot be read.
+    """
+def fsck_write_sealed_copy(path: str, upto: typing.SupportsInt | typing.SupportsIndex, out_path: str) -> int:
+    """
+    Writes ``out_path``: bytes ``[0, upto)`` of the shard, a rebuilt index and a footer.
+    
+    The source is not modified; ``out_path`` must not exist and is fsynced.
+    
+    Args:
+        path: Shard file.
+        upto: A frame boundary found by :func:`fsck_check_shard` (its ``commit_end``).
+        out_path: New file.
+    
+    Returns:
+        The size of the new file.
+    
+    Raises:
+        InvalidArgumentError: ``upto`` is not a boundary of valid frames.
+        StoreIOError: on OS errors (``out_path`` exists, disk full ...).
     """
 def get_num_threads() -> int:
     """

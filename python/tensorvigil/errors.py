@@ -39,6 +39,10 @@ class StoreIOError(TensorVigilError, OSError):
     """The operating system refused an I/O operation (permissions, disk full...)."""
 
 
+class AccessDeniedError(TensorVigilError, PermissionError):
+    """Storage refused the credentials or the permission (e.g. an S3 bucket's access denied)."""
+
+
 class UnsupportedError(TensorVigilError, NotImplementedError):
     """A valid request that this build or platform cannot serve (e.g. CUDA when built without)."""
 

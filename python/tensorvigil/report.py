@@ -39,6 +39,13 @@ class SectionSkipped(Exception):
     """Raised by a section function when the runs lack its data; the message is the note."""
 
 
+class SectionNotApplicable(SectionSkipped):
+    """Raised by a section that does not apply to these runs at all: left out without a note.
+
+    For example the XGBoost section of a PyTorch run.
+    """
+
+
 @dataclass
 class Section:
     """One report section: ``render(ctx)`` returns the section's HTML body.
@@ -518,6 +525,8 @@ def write_report(
         prog.step(i, sec.title)
         try:
             content = sec.render(ctx)
+        except SectionNotApplicable:
+            continue
         except (SectionSkipped, NotFoundError) as e:
             body.append(
                 f'<section id="{_esc(sec.key)}" class="omitted"><p class="note">'
@@ -555,6 +564,7 @@ def write_report(
 __all__ = [
     "SECTIONS",
     "SECTION_MODULES",
+    "SectionNotApplicable",
     "ReportContext",
     "Section",
     "SectionSkipped",

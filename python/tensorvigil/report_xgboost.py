@@ -284,11 +284,11 @@ def _hyper_table(ctx: Any) -> str:
 
 
 def _section(ctx: Any) -> str:
-    from .report import SectionSkipped
+    from .report import SectionNotApplicable
 
     runs = [r for r in ctx.runs if is_xgboost_run(r)]
     if not runs:
-        raise SectionSkipped("not an XGBoost run (no trees/ or feature_importance/ tensors)")
+        raise SectionNotApplicable("not an XGBoost run (no trees/ or feature_importance/ tensors)")
     parts = ["<h3>Hyperparameters</h3>", _hyper_table(ctx)]
     try:
         parts.append(

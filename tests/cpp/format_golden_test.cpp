@@ -101,15 +101,15 @@ TEST(FormatGolden, ReaderSeesTheGoldenRun) {
   EXPECT_EQ(r.commits().size(), 4u);
   int64_t id = r.name_id("fc1.weight");
   ASSERT_GE(id, 0);
-  const RecordInfo* rec = r.find(static_cast<uint32_t>(id), 1, 0);
-  ASSERT_NE(rec, nullptr);
+  std::optional<RecordInfo> rec = r.find(static_cast<uint32_t>(id), 1, 0);
+  ASSERT_TRUE(rec.has_value());
   EXPECT_EQ(rec->codec, Codec::kRaw);
   EXPECT_EQ(rec->shape, (std::vector<int64_t>{4, 6}));
   std::vector<float> v(24);
   r.read_value(*rec, v.data());
   for (int i = 0; i < 24; ++i) EXPECT_FLOAT_EQ(v[i], static_cast<float>(i / 8.0 - 1.0 + 1));
-  const RecordInfo* grad = r.find(static_cast<uint32_t>(r.name_id("fc1.weight/grad")), 0, 0);
-  ASSERT_NE(grad, nullptr);
+  std::optional<RecordInfo> grad = r.find(static_cast<uint32_t>(r.name_id("fc1.weight/grad")), 0, 0);
+  ASSERT_TRUE(grad.has_value());
   // Histograms are not held in memory per record; load_histograms() reads them back.
   EXPECT_TRUE(grad->hists_elided);
   EXPECT_TRUE(grad->stats.hist.empty());
@@ -117,8 +117,8 @@ TEST(FormatGolden, ReaderSeesTheGoldenRun) {
   r.load_histograms(full);
   EXPECT_EQ(full.stats.hist.size(), 8u);
   EXPECT_EQ(full.stats.exp_hist.size(), static_cast<std::size_t>(kExpHistBuckets));
-  const RecordInfo* bias = r.find(static_cast<uint32_t>(r.name_id("fc1.bias")), 2, 0);
-  ASSERT_NE(bias, nullptr);
+  std::optional<RecordInfo> bias = r.find(static_cast<uint32_t>(r.name_id("fc1.bias")), 2, 0);
+  ASSERT_TRUE(bias.has_value());
   EXPECT_EQ(bias->stats.nan, 1u);
   EXPECT_EQ(bias->stats.posinf, 1u);
   EXPECT_EQ(bias->mode, Mode::kEval);

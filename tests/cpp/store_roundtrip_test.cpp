@@ -32,8 +32,8 @@ void expect_value(const RunReader& r, const std::string& name, int64_t step, uin
                   const std::vector<float>& want) {
   int64_t id = r.name_id(name);
   ASSERT_GE(id, 0) << name;
-  const RecordInfo* rec = r.find(static_cast<uint32_t>(id), step, rank);
-  ASSERT_NE(rec, nullptr) << name << "@" << step;
+  std::optional<RecordInfo> rec = r.find(static_cast<uint32_t>(id), step, rank);
+  ASSERT_TRUE(rec.has_value()) << name << "@" << step;
   std::vector<float> got(want.size());
   r.read_value(*rec, got.data(), 2);
   EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * 4)) << name << "@" << step;
@@ -70,12 +70,12 @@ TEST(Store, WriteReadAllCodecsAndStats) {
     expect_value(r, "a", step, 0, a);
     expect_value(r, "b", step, 0, b);
   }
-  const RecordInfo* c = r.find(static_cast<uint32_t>(r.name_id("c")), 3, 0);
-  ASSERT_NE(c, nullptr);
+  std::optional<RecordInfo> c = r.find(static_cast<uint32_t>(r.name_id("c")), 3, 0);
+  ASSERT_TRUE(c.has_value());
   EXPECT_FALSE(c->has_value());
   EXPECT_EQ(c->stats.numel, 300000u);
   EXPECT_THROW(r.read_value(*c, nullptr), Error);
-  const RecordInfo* ra = r.find(static_cast<uint32_t>(r.name_id("a")), 0, 0);
+  std::optional<RecordInfo> ra = r.find(static_cast<uint32_t>(r.name_id("a")), 0, 0);
   EXPECT_EQ(ra->shape, (std::vector<int64_t>{600, 500}));
   EXPECT_NEAR(ra->stats.std(), 0.02, 1e-3);
 }
@@ -129,7 +129,7 @@ TEST(Store, LiveReaderSeesOnlyCommittedSteps) {
   EXPECT_TRUE(r.writer_alive(0));
   EXPECT_FALSE(r.ended(0));
   EXPECT_EQ(r.commits().size(), 1u);
-  EXPECT_EQ(r.find(0, 1, 0), nullptr);  // written, not committed
+  EXPECT_FALSE(r.find(0, 1, 0).has_value());  // written, not committed
   w.commit_step(1, Mode::kTrain, 1);
   w.flush();
   EXPECT_EQ(r.refresh(), 1u);
@@ -293,6 +293,87 @@ TEST(Store, EndedResetsWhenAWriterContinuesTheRank) {
   w2.close();
   r.refresh();
   EXPECT_TRUE(r.ended(0));
+}
+
+TEST(Store, RecordTableRewritesOutOfOrderStepsAndRangeSelect) {
+  tvtest::TempDir dir;
+  auto a = tvtest::random_floats(16, 1);
+  auto b = tvtest::random_floats(16, 2);
+  {
+    // Rank 0: steps 0..9, then a restarted writer rewrites 5..7 with other values and goes
+    // back to step 2, then writes 12 and 11 (out of order for the same tensor). Rank 1: steps 0..9, and a
+    // tensor "z" only at odd steps.
+    StreamWriter w0(dir.path(), 0);
+    StreamWriter w1(dir.path(), 1);
+    for (int s = 0; s < 10; ++s) {
+      w0.write_tensor("x", s, Mode::kTrain, s, view_of(a, {16}));
+      w0.commit_step(s, Mode::kTrain, s);
+      w1.write_tensor("x", s, Mode::kTrain, s, view_of(a, {4, 4}));
+      if (s % 2) w1.write_tensor("z", s, Mode::kEval, s, view_of(b, {16}));
+      w1.commit_step(s, s % 2 ? Mode::kEval : Mode::kTrain, s);
+    }
+    w0.close();
+    w1.close();
+  }
+  {
+    StreamWriter w0(dir.path(), 0);
+    for (int s : {5, 6, 7, 2, 12, 11}) {
+      w0.write_tensor("x", s, Mode::kTrain, s, view_of(b, {16}));
+      w0.commit_step(s, Mode::kTrain, s);
+    }
+    w0.close();
+  }
+  RunReader r(dir.path());
+  const uint32_t x = static_cast<uint32_t>(r.name_id("x"));
+  const uint32_t z = static_cast<uint32_t>(r.name_id("z"));
+  EXPECT_EQ(r.num_records(), 10u + 10u + 5u + 2u);  // rewrites replace, they do not add
+  expect_value(r, "x", 11, 0, b);
+  expect_value(r, "x", 12, 0, b);
+  for (int s = 0; s < 10; ++s) {
+    bool rewritten = s == 2 || (s >= 5 && s <= 7);
+    expect_value(r, "x", s, 0, rewritten ? b : a);
+    expect_value(r, "x", s, 1, a);
+    EXPECT_EQ(r.find(z, s, 1).has_value(), s % 2 == 1) << s;
+    EXPECT_FALSE(r.find(z, s, 0).has_value());
+  }
+  EXPECT_EQ(r.find(x, 3, 1)->shape, (std::vector<int64_t>{4, 4}));
+  EXPECT_EQ(r.find(x, 3, 0)->shape, (std::vector<int64_t>{16}));
+  EXPECT_FALSE(r.find(x, 10, 0).has_value());
+  EXPECT_FALSE(r.find(x, 13, 0).has_value());
+  // Every step range, rank and mode filter gives what a scan of the table gives, in table order.
+  for (int64_t lo = -1; lo <= 10; ++lo)
+    for (int64_t hi = lo; hi <= 13; ++hi)
+      for (int mode : {-1, 0, 1}) {
+        Selection sel;
+        sel.step_min = lo;
+        sel.step_max = hi;
+        sel.mode = mode;
+        if (lo == 3) sel.ranks = {1};
+        if (hi == 9) sel.name_ids = {z};
+        std::vector<std::size_t> want;
+        for (std::size_t i = 0; i < r.num_records(); ++i) {
+          const RecordRow& row = r.row(i);
+          if (row.step < lo || row.step > hi) continue;
+          if (mode >= 0 && static_cast<int>(row.mode) != mode) continue;
+          if (!sel.ranks.empty() && row.rank != 1) continue;
+          if (!sel.name_ids.empty() && row.name_id != z) continue;
+          want.push_back(i);
+        }
+        EXPECT_EQ(r.select(sel), want) << lo << ".." << hi << " mode " << mode;
+      }
+  // The statistics columns follow the rows (a rewrite replaces them too).
+  const StatsTable& st = r.stats_table();
+  ASSERT_EQ(st.size(), r.num_records());
+  for (std::size_t i = 0; i < r.num_records(); ++i) {
+    RecordInfo rec = r.record(i);
+    EXPECT_EQ(st.mean[i], rec.stats.mean);
+    EXPECT_EQ(st.numel[i], 16u);
+  }
+  auto fresh = r.find(x, 6, 0);
+  ASSERT_TRUE(fresh.has_value());
+  double mean_b = 0;
+  for (float v : b) mean_b += v;
+  EXPECT_NEAR(fresh->stats.mean, mean_b / 16, 1e-6);
 }
 
 TEST(Store, RankAboveFiveDigitsIsRefused) {

@@ -88,45 +88,48 @@ void encode_stats(ByteWriter& w, const TensorStats& s) {
   }
 }
 
-TensorStats decode_stats(ByteReader& r, const std::string& where) {
-  TensorStats s;
+// Decodes the stats block into `s` without copying the histograms (they stay in the buffer).
+void decode_stats_view(ByteReader& r, const std::string& where, TensorMetaView::Stats* s) {
   uint8_t flags = r.get<uint8_t>();
   if (flags & ~(kStatsHasHist | kStatsHasExpHist))
     throw_error(ErrorCode::kDataLoss, "[" + where + "] unknown statistics flags");
-  s.numel = r.get<uint64_t>();
-  s.nan = r.get<uint64_t>();
-  s.posinf = r.get<uint64_t>();
-  s.neginf = r.get<uint64_t>();
-  s.zeros = r.get<uint64_t>();
-  if (s.nan > s.numel || s.posinf > s.numel - s.nan || s.neginf > s.numel - s.nan - s.posinf ||
-      s.zeros > s.numel)
+  s->numel = r.get<uint64_t>();
+  s->nan = r.get<uint64_t>();
+  s->posinf = r.get<uint64_t>();
+  s->neginf = r.get<uint64_t>();
+  s->zeros = r.get<uint64_t>();
+  if (s->nan > s->numel || s->posinf > s->numel - s->nan ||
+      s->neginf > s->numel - s->nan - s->posinf || s->zeros > s->numel)
     throw_error(ErrorCode::kDataLoss, "[" + where + "] inconsistent statistics counts");
-  s.min = r.get<double>();
-  s.max = r.get<double>();
-  s.mean = r.get<double>();
-  s.m2 = r.get<double>();
-  s.abs_sum = r.get<double>();
-  s.abs_max = r.get<double>();
+  s->min = r.get<double>();
+  s->max = r.get<double>();
+  s->mean = r.get<double>();
+  s->m2 = r.get<double>();
+  s->abs_sum = r.get<double>();
+  s->abs_max = r.get<double>();
+  s->hist_bins = 0;
+  s->exp_count = 0;
+  s->has_exp_hist = (flags & kStatsHasExpHist) != 0;
   if (flags & kStatsHasHist) {
     uint16_t bins = r.get<uint16_t>();
     if (bins == 0 || bins > kMaxHistBins)
       throw_error(ErrorCode::kDataLoss, "[" + where + "] bad histogram bin count");
-    s.hist_lo = r.get<double>();
-    s.hist_hi = r.get<double>();
-    s.hist_below = r.get<uint64_t>();
-    s.hist_above = r.get<uint64_t>();
-    s.hist.resize(bins);
-    std::memcpy(s.hist.data(), r.take(bins * 8u), bins * 8u);
+    s->hist_lo = r.get<double>();
+    s->hist_hi = r.get<double>();
+    s->hist_below = r.get<uint64_t>();
+    s->hist_above = r.get<uint64_t>();
+    s->hist_bins = bins;
+    s->hist = r.take(bins * 8u);
   }
   if (flags & kStatsHasExpHist) {
     uint16_t first = r.get<uint16_t>();
     uint16_t count = r.get<uint16_t>();
     if (static_cast<int>(first) + count > kExpHistBuckets)
       throw_error(ErrorCode::kDataLoss, "[" + where + "] bad exponent histogram range");
-    s.exp_hist.assign(kExpHistBuckets, 0);
-    std::memcpy(s.exp_hist.data() + first, r.take(count * 8u), count * 8u);
+    s->exp_first = first;
+    s->exp_count = count;
+    s->exp_hist = r.take(count * 8u);
   }
-  return s;
 }
 
 Mode checked_mode(uint8_t m, const std::string& where) {
@@ -215,37 +218,52 @@ std::vector<uint8_t> encode_tensor_meta(const TensorMeta& m) {
   return std::move(w.bytes());
 }
 
-TensorMeta decode_tensor_meta(const uint8_t* p, std::size_t n, const std::string& where) {
+void decode_tensor_meta_view(const uint8_t* p, std::size_t n, const std::string& where,
+                             TensorMetaView* m) {
   ByteReader r(p, n, where);
-  TensorMeta m;
-  m.step = r.get<int64_t>();
-  m.mode_step = r.get<int64_t>();
-  m.mode = checked_mode(r.get<uint8_t>(), where);
-  m.dtype = dtype_from_code(r.get<uint8_t>());
+  m->step = r.get<int64_t>();
+  m->mode_step = r.get<int64_t>();
+  m->mode = checked_mode(r.get<uint8_t>(), where);
+  m->dtype = dtype_from_code(r.get<uint8_t>());
   uint8_t ndim = r.get<uint8_t>();
   r.get<uint8_t>();
-  m.wall_time = r.get<double>();
+  m->wall_time = r.get<double>();
   if (ndim > kMaxNdim) throw_error(ErrorCode::kDataLoss, "[" + where + "] too many dimensions");
   uint16_t name_len = r.get<uint16_t>();
   if (name_len == 0 || name_len > kMaxNameLen)
     throw_error(ErrorCode::kDataLoss, "[" + where + "] bad tensor name length");
-  const uint8_t* name = r.take(name_len);
-  m.name.assign(reinterpret_cast<const char*>(name), name_len);
+  m->name = std::string_view(reinterpret_cast<const char*>(r.take(name_len)), name_len);
   uint64_t numel = 1;
+  m->ndim = ndim;
   for (uint8_t i = 0; i < ndim; ++i) {
     int64_t d = r.get<int64_t>();
     if (d < 0 || (d > 0 && numel > (uint64_t{1} << 48) / static_cast<uint64_t>(d)))
       throw_error(ErrorCode::kDataLoss, "[" + where + "] bad shape");
     numel *= static_cast<uint64_t>(d);
-    m.shape.push_back(d);
+    m->shape[i] = d;
   }
-  m.raw_nbytes = r.get<uint64_t>();
-  if (m.raw_nbytes != numel * dtype_size(m.dtype))
+  m->raw_nbytes = r.get<uint64_t>();
+  if (m->raw_nbytes != numel * dtype_size(m->dtype))
     throw_error(ErrorCode::kDataLoss, "[" + where + "] byte count does not match shape and dtype");
-  if (m.step < 0) throw_error(ErrorCode::kDataLoss, "[" + where + "] negative step");
-  m.stats = decode_stats(r, where);
+  if (m->step < 0) throw_error(ErrorCode::kDataLoss, "[" + where + "] negative step");
+  decode_stats_view(r, where, &m->stats);
   if (r.remaining() != 0)
     throw_error(ErrorCode::kDataLoss, "[" + where + "] trailing bytes in tensor meta");
+}
+
+TensorMeta decode_tensor_meta(const uint8_t* p, std::size_t n, const std::string& where) {
+  TensorMetaView v;
+  decode_tensor_meta_view(p, n, where, &v);
+  TensorMeta m;
+  m.name.assign(v.name.data(), v.name.size());
+  m.step = v.step;
+  m.mode_step = v.mode_step;
+  m.mode = v.mode;
+  m.dtype = v.dtype;
+  m.shape.assign(v.shape, v.shape + v.ndim);
+  m.raw_nbytes = v.raw_nbytes;
+  m.wall_time = v.wall_time;
+  v.stats.copy_to(&m.stats, /*with_hists=*/true);
   return m;
 }
 
@@ -333,6 +351,33 @@ std::string rank_dir_name(uint32_t rank) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "rank-%05u", rank);
   return buf;
+}
+
+void TensorMetaView::Stats::copy_to(TensorStats* s, bool with_hists) const {
+  s->numel = numel;
+  s->nan = nan;
+  s->posinf = posinf;
+  s->neginf = neginf;
+  s->zeros = zeros;
+  s->min = min;
+  s->max = max;
+  s->mean = mean;
+  s->m2 = m2;
+  s->abs_sum = abs_sum;
+  s->abs_max = abs_max;
+  if (!with_hists) return;
+  if (hist_bins) {
+    s->hist_lo = hist_lo;
+    s->hist_hi = hist_hi;
+    s->hist_below = hist_below;
+    s->hist_above = hist_above;
+    s->hist.resize(hist_bins);
+    std::memcpy(s->hist.data(), hist, hist_bins * 8u);
+  }
+  if (has_exp_hist) {
+    s->exp_hist.assign(kExpHistBuckets, 0);
+    std::memcpy(s->exp_hist.data() + exp_first, exp_hist, exp_count * 8u);
+  }
 }
 
 }  // namespace tensorvigil::store

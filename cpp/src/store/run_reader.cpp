@@ -8,10 +8,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
+#include <string_view>
+#include <unordered_map>
 
 #include "tensorvigil/error.h"
 #include "tensorvigil/store/codec.h"
@@ -31,6 +34,19 @@ struct Fd {
   }
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
+};
+
+/// A tensor frame read before its step's commit.
+struct Pending {
+  RecordRow row;
+  ScalarStats stats;
+};
+
+/// Records of one commit: rows [first, first + count) of the record table, all of `step`.
+struct Span {
+  int64_t step;
+  uint32_t first;
+  uint32_t count;
 };
 
 /// Reads exactly n bytes at off; returns false when the file is shorter.
@@ -57,19 +73,6 @@ uint64_t file_size(int fd, const std::string& path) {
   return static_cast<uint64_t>(st.st_size);
 }
 
-struct Key {
-  uint32_t name, rank;
-  int64_t step;
-  bool operator==(const Key& o) const { return name == o.name && rank == o.rank && step == o.step; }
-};
-struct KeyHash {
-  std::size_t operator()(const Key& k) const {
-    uint64_t h = static_cast<uint64_t>(k.step) * 0x9E3779B97F4A7C15ull;
-    h ^= (static_cast<uint64_t>(k.name) << 32 | k.rank) + 0x7F4A7C159E3779B9ull + (h << 6) + (h >> 2);
-    return static_cast<std::size_t>(h);
-  }
-};
-
 struct Shard {
   uint32_t seq = 0;
   uint32_t id = 0;  // index into Impl::shard_paths
@@ -82,8 +85,12 @@ struct Stream {
   uint32_t rank = 0;
   std::string dir;
   std::map<uint32_t, Shard> shards;  // by seq
-  std::vector<RecordInfo> pending;   // tensor frames whose step has no commit yet
+  std::vector<Pending> pending;      // tensor frames whose step has no commit yet
   bool ended = false;                // an END frame was seen (in shard end_seq)
+  // Tensors come in the same order every step: next_of[id] is the name that followed `id` last
+  // time, tried before hashing the name.
+  uint32_t prev_id = UINT32_MAX;
+  std::vector<uint32_t> next_of;
   uint32_t end_seq = 0;
 };
 
@@ -97,26 +104,106 @@ struct RunReader::Impl {
   bool strict = true;
   std::map<uint32_t, Stream> streams;
   std::vector<std::string> names;
-  std::unordered_map<std::string, uint32_t> name_ids;
-  std::vector<RecordInfo> records;
-  // step_prefix_max[i] = max step of records[0..i]: non-decreasing, so a query for steps >=
-  // s skips, by binary search, every record before the first that can match (steps mostly
-  // grow with the record index, so incremental queries touch only the newest records).
-  std::vector<int64_t> step_prefix_max;
-  std::unordered_map<Key, std::size_t, KeyHash> by_key;
+  // Name lookup without building a string per record: the keys view name_keys (a deque, so
+  // they never move).
+  std::deque<std::string> name_keys;
+  std::unordered_map<std::string_view, uint32_t> name_ids;
+  // The record table: one fixed-size row per committed record.
+  std::vector<RecordRow> rows;
+  StatsTable stats;
+  // Interned shapes; a tensor usually keeps its shape, so the last one per name is tried first.
+  std::vector<std::vector<int64_t>> shapes;
+  std::map<std::vector<int64_t>, uint32_t> shape_ids;
+  std::vector<uint32_t> last_shape_of_name;
+  // (name, rank) series: row indices sorted by step (steps mostly arrive in order: appends).
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> series_of_name;  // (rank, series)
+  std::vector<std::vector<uint32_t>> series;
+  // Commit spans sorted by (step, first row): a step-range query reads only its rows.
+  std::vector<Span> spans;
   std::vector<StepInfo> commits;
   std::vector<std::string> shard_paths;
   std::vector<std::string> problems;
   std::string where_buf;  // error context of the frame being applied
   std::vector<uint8_t> scan_buf;  // read window of scan()
+  std::unique_ptr<uint8_t[]> index_buf;  // index of the sealed shard being read
+  std::size_t index_cap = 0;
 
-  uint32_t intern(const std::string& n) {
+  void release_buffers() {
+    index_buf.reset();
+    index_cap = 0;
+    if (scan_buf.capacity() > (1u << 20)) std::vector<uint8_t>().swap(scan_buf);
+  }
+
+  uint32_t intern(std::string_view n) {
     auto it = name_ids.find(n);
     if (it != name_ids.end()) return it->second;
     uint32_t id = static_cast<uint32_t>(names.size());
-    names.push_back(n);
-    name_ids.emplace(n, id);
+    names.emplace_back(n);
+    name_keys.emplace_back(n);
+    name_ids.emplace(std::string_view(name_keys.back()), id);
+    last_shape_of_name.push_back(UINT32_MAX);
+    series_of_name.emplace_back();
     return id;
+  }
+
+  uint32_t intern_next(Stream& st, std::string_view n) {
+    uint32_t id = UINT32_MAX;
+    if (st.prev_id < st.next_of.size()) {
+      uint32_t guess = st.next_of[st.prev_id];
+      if (guess < names.size() && names[guess] == n) id = guess;
+    }
+    if (id == UINT32_MAX) {
+      id = intern(n);
+      if (st.prev_id != UINT32_MAX) {
+        if (st.next_of.size() <= st.prev_id) st.next_of.resize(names.size(), UINT32_MAX);
+        st.next_of[st.prev_id] = id;
+      }
+    }
+    st.prev_id = id;
+    return id;
+  }
+
+  uint32_t intern_shape(uint32_t name_id, const int64_t* dims, uint8_t ndim) {
+    uint32_t last = last_shape_of_name[name_id];
+    if (last != UINT32_MAX) {
+      const auto& s = shapes[last];
+      if (s.size() == ndim && std::equal(s.begin(), s.end(), dims)) return last;
+    }
+    std::vector<int64_t> key(dims, dims + ndim);
+    auto it = shape_ids.find(key);
+    uint32_t id;
+    if (it != shape_ids.end()) {
+      id = it->second;
+    } else {
+      id = static_cast<uint32_t>(shapes.size());
+      shapes.push_back(key);
+      shape_ids.emplace(std::move(key), id);
+    }
+    last_shape_of_name[name_id] = id;
+    return id;
+  }
+
+  std::vector<uint32_t>& series_for(uint32_t name_id, uint32_t rank) {
+    auto& list = series_of_name[name_id];
+    for (const auto& [r, sid] : list)
+      if (r == rank) return series[sid];
+    list.emplace_back(rank, static_cast<uint32_t>(series.size()));
+    series.emplace_back();
+    return series.back();
+  }
+
+  /// Row index of (name, rank, step), or -1.
+  int64_t find(uint32_t name_id, int64_t step, uint32_t rank) const {
+    if (name_id >= series_of_name.size()) return -1;
+    for (const auto& [r, sid] : series_of_name[name_id]) {
+      if (r != rank) continue;
+      const auto& sv = series[sid];
+      auto it = std::lower_bound(sv.begin(), sv.end(), step,
+                                 [&](uint32_t i, int64_t s) { return rows[i].step < s; });
+      if (it != sv.end() && rows[*it].step == step) return *it;
+      return -1;
+    }
+    return -1;
   }
 
   [[noreturn]] void corrupt(const std::string& msg) { throw Error(ErrorCode::kDataLoss, msg); }
@@ -134,12 +221,13 @@ struct RunReader::Impl {
     const std::string& where = where_buf;
     switch (h.kind) {
       case FrameKind::kTensor: {
-        TensorMeta m = decode_tensor_meta(meta, h.meta_len, where);
+        TensorMetaView m;
+        decode_tensor_meta_view(meta, h.meta_len, where, &m);
         bool has_payload = (h.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
         if (has_payload && m.raw_nbytes > 0 && h.payload_len < container_header_size(1))
-          corrupt("[" + where + "] payload missing for tensor '" + m.name + "'");
-        RecordInfo r;
-        r.name_id = intern(m.name);
+          corrupt("[" + where + "] payload missing for tensor '" + std::string(m.name) + "'");
+        RecordRow r;
+        r.name_id = intern_next(st, m.name);
         r.rank = st.rank;
         r.step = m.step;
         r.mode_step = m.mode_step;
@@ -147,44 +235,71 @@ struct RunReader::Impl {
         r.dtype = m.dtype;
         r.codec = h.codec;
         r.flags = h.flags;
-        r.shape = std::move(m.shape);
+        r.shape_id = intern_shape(r.name_id, m.shape, m.ndim);
         r.raw_nbytes = m.raw_nbytes;
         r.wall_time = m.wall_time;
         r.shard = sh.id;
         r.frame_offset = off;
+        r.meta_len = h.meta_len;
         r.meta_crc = h.meta_crc;
-        r.payload_offset = off + kFrameHeaderSize + h.meta_len;
         r.payload_len = h.payload_len;
         r.payload_crc = h.payload_crc;
-        r.stats = std::move(m.stats);
-        if (!r.stats.hist.empty() || !r.stats.exp_hist.empty()) {
-          r.stats.hist = {};
-          r.stats.exp_hist = {};
-          r.hists_elided = true;
-        }
-        st.pending.push_back(std::move(r));
+        const auto& ms = m.stats;
+        r.hists = ms.has_hists();
+        ScalarStats ss;
+        ss.numel = ms.numel;
+        ss.nan = ms.nan;
+        ss.posinf = ms.posinf;
+        ss.neginf = ms.neginf;
+        ss.zeros = ms.zeros;
+        ss.min = ms.min;
+        ss.max = ms.max;
+        ss.mean = ms.mean;
+        ss.m2 = ms.m2;
+        ss.abs_sum = ms.abs_sum;
+        ss.abs_max = ms.abs_max;
+        st.pending.push_back(Pending{r, ss});
         return true;
       }
       case FrameKind::kCommit: {
         CommitMeta c = decode_commit_meta(meta, h.meta_len, where);
         // Usually every pending frame belongs to the committed step: skip the partition then.
         auto it = std::all_of(st.pending.begin(), st.pending.end(),
-                              [&](const RecordInfo& r) { return r.step == c.step; })
+                              [&](const Pending& p) { return p.row.step == c.step; })
                       ? st.pending.begin()
                       : std::stable_partition(st.pending.begin(), st.pending.end(),
-                                              [&](const RecordInfo& r) { return r.step != c.step; });
+                                              [&](const Pending& p) { return p.row.step != c.step; });
         uint32_t n = 0;
+        const uint32_t first = static_cast<uint32_t>(rows.size());
         for (auto p = it; p != st.pending.end(); ++p, ++n) {
-          Key k{p->name_id, p->rank, p->step};
-          auto found = by_key.find(k);
-          if (found != by_key.end()) {
-            records[found->second] = std::move(*p);
+          const RecordRow& row = p->row;
+          std::vector<uint32_t>& sv = series_for(row.name_id, row.rank);
+          if (sv.empty() || rows[sv.back()].step < row.step) {
+            sv.push_back(static_cast<uint32_t>(rows.size()));
+            rows.push_back(row);
+            stats.push_back(p->stats);
+            continue;
+          }
+          auto pos = std::lower_bound(sv.begin(), sv.end(), row.step,
+                                      [&](uint32_t i, int64_t s) { return rows[i].step < s; });
+          if (pos != sv.end() && rows[*pos].step == row.step) {
+            rows[*pos] = row;  // the step written again (restarted writer): the later one wins
+            stats.set(*pos, p->stats);
           } else {
-            by_key.emplace(k, records.size());
-            int64_t pm = step_prefix_max.empty() ? p->step
-                                                 : std::max(step_prefix_max.back(), p->step);
-            step_prefix_max.push_back(pm);
-            records.push_back(std::move(*p));
+            sv.insert(pos, static_cast<uint32_t>(rows.size()));
+            rows.push_back(row);
+            stats.push_back(p->stats);
+          }
+        }
+        const uint32_t added = static_cast<uint32_t>(rows.size()) - first;
+        if (added) {
+          Span span{c.step, first, added};
+          if (spans.empty() || spans.back().step <= c.step) {
+            spans.push_back(span);
+          } else {
+            auto at = std::upper_bound(spans.begin(), spans.end(), c.step,
+                                       [](int64_t s, const Span& x) { return s < x.step; });
+            spans.insert(at, span);
           }
         }
         st.pending.erase(it, st.pending.end());
@@ -220,21 +335,26 @@ struct RunReader::Impl {
     if (!pread_full(fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &h) ||
         h.kind != FrameKind::kIndex || h.total() != ilen)
       corrupt("[" + where + "] bad index frame header");
-    std::vector<uint8_t> meta(h.meta_len);
-    if (!pread_full(fd, meta.data(), meta.size(), ioff + kFrameHeaderSize, path))
+    // One uninitialised buffer for every index of a refresh (a zeroed vector per shard cost
+    // a memset and fresh pages per index); released when the refresh ends.
+    if (index_cap < h.meta_len) {
+      index_buf.reset(new uint8_t[h.meta_len]);
+      index_cap = h.meta_len;
+    }
+    uint8_t* meta = index_buf.get();
+    if (!pread_full(fd, meta, h.meta_len, ioff + kFrameHeaderSize, path))
       corrupt("[" + where + "] index is truncated");
-    if (crc32c(meta.data(), meta.size()) != h.meta_crc) corrupt("[" + where + "] index checksum mismatch");
+    if (crc32c(meta, h.meta_len) != h.meta_crc) corrupt("[" + where + "] index checksum mismatch");
     uint64_t expect = kShardHeaderSize;
     // Geometric growth: reserving exactly per shard would reallocate for every shard.
-    const std::size_t need = records.size() + nframes;
-    if (records.capacity() < need) {
-      const std::size_t cap = std::max(need, 2 * records.capacity());
-      records.reserve(cap);
-      step_prefix_max.reserve(cap);
-      by_key.reserve(cap);
+    // nframes is not checked against the index yet: bound it by what the index can hold.
+    const std::size_t need = rows.size() + std::min<uint64_t>(nframes, h.meta_len / (8 + kFrameHeaderSize));
+    if (rows.capacity() < need) {
+      rows.reserve(std::max(need, 2 * rows.capacity()));
+      stats.reserve(rows.capacity());
     }
     uint32_t count = for_each_index_entry(
-        meta.data(), meta.size(), where,
+        meta, h.meta_len, where,
         [&](uint64_t offset, const FrameHeader& h, const uint8_t* m) {
           if (offset != expect) corrupt("[" + where + "] index entries leave a hole or overlap");
           expect = offset + h.total();
@@ -345,6 +465,31 @@ struct RunReader::Impl {
       shard_paths.push_back(entry.path().string());
       st.shards.emplace(v, sh);
     }
+    // Reserve the record table once for every sealed shard still to read (their footers give
+    // the frame counts): growing it shard by shard copied it and faulted in fresh pages twice.
+    std::size_t frames = 0;
+    for (auto& [seq, sh] : st.shards) {
+      if (sh.done || sh.header_ok) continue;
+      const std::string& path = shard_paths[sh.id];
+      Fd f(path);
+      if (f.fd < 0) continue;
+      struct stat sb;
+      if (::fstat(f.fd, &sb) != 0 || static_cast<uint64_t>(sb.st_size) < kShardHeaderSize + kFooterSize)
+        continue;
+      uint8_t foot[kFooterSize];
+      uint64_t ioff, ilen;
+      uint32_t nframes;
+      // A footer is not trusted yet: a frame takes >= 32 bytes plus >= 40 in the index, so a
+      // count the file cannot hold is ignored here (and rejected when the index is read).
+      if (pread_full(f.fd, foot, kFooterSize, static_cast<uint64_t>(sb.st_size) - kFooterSize, path) &&
+          decode_footer(foot, &ioff, &ilen, &nframes) &&
+          nframes <= static_cast<uint64_t>(sb.st_size) / (2 * kFrameHeaderSize))
+        frames += nframes;
+    }
+    if (frames && rows.capacity() < rows.size() + frames) {
+      rows.reserve(rows.size() + frames);
+      stats.reserve(rows.size() + frames);
+    }
     std::size_t new_steps = 0;
     for (auto it = st.shards.begin(); it != st.shards.end(); ++it) {
       Shard& sh = it->second;
@@ -391,7 +536,13 @@ std::size_t RunReader::refresh() {
   }
   if (ec) throw Error(ErrorCode::kIo, "[run_reader.list] '" + s.run_dir + "': " + ec.message());
   std::size_t n = 0;
-  for (auto& [rank, st] : s.streams) n += s.refresh_stream(st);
+  try {
+    for (auto& [rank, st] : s.streams) n += s.refresh_stream(st);
+  } catch (...) {
+    s.release_buffers();
+    throw;
+  }
+  s.release_buffers();
   return n;
 }
 
@@ -405,18 +556,118 @@ int64_t RunReader::name_id(const std::string& name) const {
   auto it = impl_->name_ids.find(name);
   return it == impl_->name_ids.end() ? -1 : static_cast<int64_t>(it->second);
 }
-const std::vector<RecordInfo>& RunReader::records() const { return impl_->records; }
 const std::vector<StepInfo>& RunReader::commits() const { return impl_->commits; }
 const std::vector<std::string>& RunReader::problems() const { return impl_->problems; }
 const std::string& RunReader::shard_path(uint32_t i) const { return impl_->shard_paths.at(i); }
+std::size_t RunReader::num_records() const { return impl_->rows.size(); }
+const RecordRow& RunReader::row(std::size_t i) const { return impl_->rows.at(i); }
+const std::vector<RecordRow>& RunReader::rows() const { return impl_->rows; }
+const std::vector<int64_t>& RunReader::shape(uint32_t id) const { return impl_->shapes.at(id); }
 
-const RecordInfo* RunReader::find(uint32_t name_id, int64_t step, uint32_t rank) const {
-  auto it = impl_->by_key.find(Key{name_id, rank, step});
-  return it == impl_->by_key.end() ? nullptr : &impl_->records[it->second];
+const StatsTable& RunReader::stats_table() const { return impl_->stats; }
+
+TensorStats ScalarStats::to_stats() const {
+  TensorStats s;
+  s.numel = numel;
+  s.nan = nan;
+  s.posinf = posinf;
+  s.neginf = neginf;
+  s.zeros = zeros;
+  s.min = min;
+  s.max = max;
+  s.mean = mean;
+  s.m2 = m2;
+  s.abs_sum = abs_sum;
+  s.abs_max = abs_max;
+  return s;
+}
+
+void StatsTable::reserve(std::size_t n) {
+  for (auto* v : {&numel, &nan, &posinf, &neginf, &zeros}) v->reserve(n);
+  for (auto* v : {&min, &max, &mean, &m2, &abs_sum, &abs_max}) v->reserve(n);
+}
+
+void StatsTable::push_back(const ScalarStats& s) {
+  numel.push_back(s.numel);
+  nan.push_back(s.nan);
+  posinf.push_back(s.posinf);
+  neginf.push_back(s.neginf);
+  zeros.push_back(s.zeros);
+  min.push_back(s.min);
+  max.push_back(s.max);
+  mean.push_back(s.mean);
+  m2.push_back(s.m2);
+  abs_sum.push_back(s.abs_sum);
+  abs_max.push_back(s.abs_max);
+}
+
+void StatsTable::set(std::size_t i, const ScalarStats& s) {
+  numel[i] = s.numel;
+  nan[i] = s.nan;
+  posinf[i] = s.posinf;
+  neginf[i] = s.neginf;
+  zeros[i] = s.zeros;
+  min[i] = s.min;
+  max[i] = s.max;
+  mean[i] = s.mean;
+  m2[i] = s.m2;
+  abs_sum[i] = s.abs_sum;
+  abs_max[i] = s.abs_max;
+}
+
+ScalarStats StatsTable::get(std::size_t i) const {
+  ScalarStats s;
+  s.numel = numel[i];
+  s.nan = nan[i];
+  s.posinf = posinf[i];
+  s.neginf = neginf[i];
+  s.zeros = zeros[i];
+  s.min = min[i];
+  s.max = max[i];
+  s.mean = mean[i];
+  s.m2 = m2[i];
+  s.abs_sum = abs_sum[i];
+  s.abs_max = abs_max[i];
+  return s;
+}
+
+RecordInfo RunReader::record(std::size_t i) const {
+  const RecordRow& w = impl_->rows.at(i);
+  RecordInfo r;
+  r.name_id = w.name_id;
+  r.rank = w.rank;
+  r.step = w.step;
+  r.mode_step = w.mode_step;
+  r.mode = w.mode;
+  r.dtype = w.dtype;
+  r.codec = w.codec;
+  r.flags = w.flags;
+  r.shape = impl_->shapes[w.shape_id];
+  r.raw_nbytes = w.raw_nbytes;
+  r.wall_time = w.wall_time;
+  r.shard = w.shard;
+  r.frame_offset = w.frame_offset;
+  r.meta_crc = w.meta_crc;
+  r.payload_offset = w.frame_offset + kFrameHeaderSize + w.meta_len;
+  r.payload_len = w.payload_len;
+  r.payload_crc = w.payload_crc;
+  r.stats = impl_->stats.get(i).to_stats();
+  r.hists_elided = w.hists;
+  return r;
+}
+
+int64_t RunReader::find_index(uint32_t name_id, int64_t step, uint32_t rank) const {
+  return impl_->find(name_id, step, rank);
+}
+
+std::optional<RecordInfo> RunReader::find(uint32_t name_id, int64_t step, uint32_t rank) const {
+  int64_t i = impl_->find(name_id, step, rank);
+  if (i < 0) return std::nullopt;
+  return record(static_cast<std::size_t>(i));
 }
 
 std::vector<std::size_t> RunReader::select(const Selection& sel) const {
-  const auto& recs = impl_->records;
+  const auto& rows = impl_->rows;
   std::vector<uint8_t> want_name, want_rank;
   auto mark = [](std::vector<uint8_t>& m, const std::vector<uint32_t>& ids) {
     for (uint32_t i : ids) {
@@ -427,17 +678,30 @@ std::vector<std::size_t> RunReader::select(const Selection& sel) const {
   mark(want_name, sel.name_ids);
   mark(want_rank, sel.ranks);
   std::vector<std::size_t> out;
-  const auto& pm = impl_->step_prefix_max;
-  std::size_t first = static_cast<std::size_t>(
-      std::lower_bound(pm.begin(), pm.end(), sel.step_min) - pm.begin());
-  for (std::size_t i = first; i < recs.size(); ++i) {
-    const RecordInfo& r = recs[i];
-    if (!sel.name_ids.empty() && (r.name_id >= want_name.size() || !want_name[r.name_id])) continue;
-    if (!sel.ranks.empty() && (r.rank >= want_rank.size() || !want_rank[r.rank])) continue;
-    if (r.step < sel.step_min || r.step > sel.step_max) continue;
-    if (sel.mode >= 0 && static_cast<int>(r.mode) != sel.mode) continue;
+  auto take = [&](std::size_t i) {
+    const RecordRow& r = rows[i];
+    if (!sel.name_ids.empty() && (r.name_id >= want_name.size() || !want_name[r.name_id])) return;
+    if (!sel.ranks.empty() && (r.rank >= want_rank.size() || !want_rank[r.rank])) return;
+    if (r.step < sel.step_min || r.step > sel.step_max) return;
+    if (sel.mode >= 0 && static_cast<int>(r.mode) != sel.mode) return;
     out.push_back(i);
+  };
+  if (sel.step_min == INT64_MIN && sel.step_max == INT64_MAX) {
+    for (std::size_t i = 0; i < rows.size(); ++i) take(i);
+    return out;
   }
+  const auto& spans = impl_->spans;
+  auto lo = std::lower_bound(spans.begin(), spans.end(), sel.step_min,
+                             [](const Span& x, int64_t s) { return x.step < s; });
+  auto hi = std::upper_bound(lo, spans.end(), sel.step_max,
+                             [](int64_t s, const Span& x) { return s < x.step; });
+  std::vector<Span> hit(lo, hi);
+  // Table order: spans of several ranks interleave by step but not by row.
+  if (!std::is_sorted(hit.begin(), hit.end(),
+                      [](const Span& a, const Span& b) { return a.first < b.first; }))
+    std::sort(hit.begin(), hit.end(), [](const Span& a, const Span& b) { return a.first < b.first; });
+  for (const Span& sp : hit)
+    for (std::size_t i = sp.first; i < static_cast<std::size_t>(sp.first) + sp.count; ++i) take(i);
   return out;
 }
 
@@ -476,9 +740,9 @@ void RunReader::load_histograms(RecordInfo& rec) const {
     throw Error(ErrorCode::kDataLoss, "[" + where + "] frame meta is truncated");
   if (crc32c(meta.data(), meta.size()) != rec.meta_crc)
     throw Error(ErrorCode::kDataLoss, "[" + where + "] meta checksum mismatch");
-  TensorMeta m = decode_tensor_meta(meta.data(), meta.size(), where);
-  rec.stats.hist = std::move(m.stats.hist);
-  rec.stats.exp_hist = std::move(m.stats.exp_hist);
+  TensorMetaView m;
+  decode_tensor_meta_view(meta.data(), meta.size(), where, &m);
+  m.stats.copy_to(&rec.stats, /*with_hists=*/true);
   rec.hists_elided = false;
 }
 

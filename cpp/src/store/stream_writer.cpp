@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <filesystem>
@@ -39,6 +40,51 @@ std::string os_error(const std::string& op, const std::string& path, int err) {
   return "[stream_writer." + op + "] '" + path + "': " + std::strerror(err);
 }
 
+/// Test-only fault injection, off unless TENSORVIGIL_FAULTS is set (docs/RELIABILITY.md):
+/// "fail_after_bytes=N" makes shard writes past N bytes (per writer) fail with "errno=EIO"
+/// (default) or ENOSPC, after a partial write as a full disk does; "delay_ms=D" sleeps D ms
+/// before each write (a slow disk).
+struct Faults {
+  bool on = false;
+  uint64_t fail_after = UINT64_MAX;
+  int err = EIO;
+  int delay_ms = 0;
+  uint64_t written = 0;  // I/O thread only
+
+  static Faults from_env() {
+    Faults f;
+    const char* spec = std::getenv("TENSORVIGIL_FAULTS");
+    if (!spec || !*spec) return f;
+    f.on = true;
+    std::string s(spec);
+    std::size_t pos = 0;
+    while (pos <= s.size()) {
+      std::size_t end = s.find(',', pos);
+      if (end == std::string::npos) end = s.size();
+      std::string item = s.substr(pos, end - pos);
+      pos = end + 1;
+      if (item.empty()) continue;
+      std::size_t eq = item.find('=');
+      std::string key = item.substr(0, eq), val = eq == std::string::npos ? "" : item.substr(eq + 1);
+      char* stop = nullptr;
+      unsigned long long num = std::strtoull(val.c_str(), &stop, 10);
+      bool is_num = !val.empty() && stop && *stop == '\0';
+      if (key == "fail_after_bytes" && is_num) {
+        f.fail_after = num;
+      } else if (key == "delay_ms" && is_num && num <= 60000) {
+        f.delay_ms = static_cast<int>(num);
+      } else if (key == "errno" && (val == "EIO" || val == "ENOSPC")) {
+        f.err = val == "EIO" ? EIO : ENOSPC;
+      } else {
+        throw_error(ErrorCode::kInvalidArgument,
+                    "[stream_writer] bad TENSORVIGIL_FAULTS item '" + item +
+                        "' (expected fail_after_bytes=N, errno=EIO|ENOSPC, delay_ms=N)");
+      }
+    }
+    return f;
+  }
+};
+
 /// Reusable, uninitialised byte buffers: fresh memory is expensive to touch for the first time.
 class BufferPool {
  public:
@@ -59,24 +105,30 @@ class BufferPool {
       return b;
     }
     std::size_t cap = (n + 65535) & ~std::size_t{65535};
+    // Free cached buffers before growing: held memory stays near max_pending_bytes.
+    while (!free_.empty() && held_ + cap > max_cached_) {
+      auto victim = free_.begin();
+      cached_ -= victim->first;
+      held_ -= victim->first;
+      free_.erase(victim);
+    }
     held_ += cap;
     return Buffer{std::unique_ptr<uint8_t[]>(new uint8_t[cap]), cap};
   }
   void release(Buffer b) {
     if (!b.data) return;
     std::lock_guard<std::mutex> lk(mu_);
-    if (cached_ + b.cap > max_cached_) {
-      // Evict the smallest cached buffers first; keep big ones, they are the costly ones.
-      while (!free_.empty() && cached_ + b.cap > max_cached_) {
-        auto it = free_.begin();
-        cached_ -= it->first;
-        held_ -= it->first;
-        free_.erase(it);
-      }
-      if (cached_ + b.cap > max_cached_) {
-        held_ -= b.cap;
-        return;
-      }
+    // Cache only while everything held (in use + cached) fits max_pending_bytes. Evict the
+    // smallest cached buffers first; keep big ones, they are the costly ones.
+    while (!free_.empty() && held_ > max_cached_) {
+      auto it = free_.begin();
+      cached_ -= it->first;
+      held_ -= it->first;
+      free_.erase(it);
+    }
+    if (held_ > max_cached_) {
+      held_ -= b.cap;
+      return;
     }
     cached_ += b.cap;
     free_.emplace(b.cap, std::move(b));
@@ -121,6 +173,7 @@ struct StreamWriter::Impl {
   std::string run_dir, dir;
   uint32_t rank;
   int lock_fd = -1;
+  Faults faults;
 
   mutable std::mutex mu;
   std::condition_variable cv_io, cv_enc, cv_space, cv_idle;
@@ -155,12 +208,32 @@ struct StreamWriter::Impl {
   }
 
   // --- file I/O (I/O thread) ---
+  ssize_t faulty_writev(const struct iovec* v, int cnt) {
+    if (faults.delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(faults.delay_ms));
+    uint64_t allow = faults.fail_after > faults.written ? faults.fail_after - faults.written : 0;
+    if (allow == 0) {
+      errno = faults.err;
+      return -1;
+    }
+    std::vector<struct iovec> t;
+    uint64_t sum = 0;
+    for (int k = 0; k < cnt && sum < allow; ++k) {
+      struct iovec e = v[k];
+      if (e.iov_len > allow - sum) e.iov_len = static_cast<std::size_t>(allow - sum);
+      t.push_back(e);
+      sum += e.iov_len;
+    }
+    ssize_t w = ::writev(fd, t.data(), static_cast<int>(t.size()));
+    if (w > 0) faults.written += static_cast<uint64_t>(w);
+    return w;
+  }
+
   void write_all(const struct iovec* iov, int n) {
     std::vector<struct iovec> v(iov, iov + n);
     std::size_t i = 0;
     while (i < v.size()) {
       int cnt = static_cast<int>(std::min<std::size_t>(v.size() - i, IOV_MAX));
-      ssize_t w = ::writev(fd, v.data() + i, cnt);
+      ssize_t w = faults.on ? faulty_writev(v.data() + i, cnt) : ::writev(fd, v.data() + i, cnt);
       if (w < 0) {
         if (errno == EINTR) continue;
         throw Error(ErrorCode::kIo, os_error("write", shard_path, errno));
@@ -468,6 +541,7 @@ StreamWriter::StreamWriter(const std::string& run_dir, uint32_t rank, const Writ
     throw_error(ErrorCode::kInvalidArgument,
                 "[stream_writer] rank must be <= 99999 (rank-NNNNN directories), got " +
                     std::to_string(rank));
+  s.faults = Faults::from_env();
   s.run_dir = run_dir;
   s.rank = rank;
   s.dir = run_dir + "/" + rank_dir_name(rank);
@@ -477,13 +551,22 @@ StreamWriter::StreamWriter(const std::string& run_dir, uint32_t rank, const Writ
   std::string lock_path = s.dir + "/writer.lock";
   s.lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (s.lock_fd < 0) throw Error(ErrorCode::kIo, os_error("open", lock_path, errno));
-  if (::flock(s.lock_fd, LOCK_EX | LOCK_NB) != 0) {
-    int e = errno;
+  // Readers probe liveness with a momentary shared lock (FORMAT.md §3.6): retry for ~0.2 s so
+  // a probe never refuses a writer; a live writer holds the lock for good.
+  int lock_rc = -1, e = 0;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    lock_rc = ::flock(s.lock_fd, LOCK_EX | LOCK_NB);
+    e = errno;
+    if (lock_rc == 0 || e != EWOULDBLOCK) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  if (lock_rc != 0) {
     ::close(s.lock_fd);
     if (e == EWOULDBLOCK)
       throw Error(ErrorCode::kFailedPrecondition,
                   "[stream_writer.open] another writer holds the stream of rank " +
-                      std::to_string(rank) + " in '" + run_dir + "' (" + lock_path + ")");
+                      std::to_string(rank) + " in '" + run_dir + "' (" + lock_path +
+                      "; or `tensorvigil fsck --repair` is repairing it)");
     throw Error(ErrorCode::kIo, os_error("lock", lock_path, e));
   }
   // Continue after the shards of a previous writer of this rank.

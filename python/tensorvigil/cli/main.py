@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMAND_MODULES = ("rules_cmd",)
+_COMMAND_MODULES = ("rules_cmd", "export_cmd", "fsck_cmd", "report_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

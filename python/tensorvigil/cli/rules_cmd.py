@@ -73,11 +73,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..rules.engine import RuleEngine
 
     rules = make_rules(args.rules, args.param)
-    engine = RuleEngine(args.run, rules, record=args.record)
+    engine = RuleEngine(args.run, rules, record=args.record, rank_timeout=args.rank_timeout)
     findings = engine.poll()
     for f in findings:
         _print(f, args.json)
+    _print_lost_ranks(engine, args.json)
     return _summary(findings, engine.steps_evaluated, args.json)
+
+
+def _print_lost_ranks(engine: Any, as_json: bool) -> None:
+    """Says which ranks the engine stopped waiting for (``--rank-timeout``)."""
+    for rank, st in sorted(engine.lost_ranks.items()):
+        if as_json:
+            print(json.dumps({"rank_lost": rank, **st}))
+        else:
+            print(
+                f"rank {rank} is {st['state']} (last committed step {st['last_step']}, idle "
+                f"{st['idle_s']:.0f} s): later steps were checked without it"
+            )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -91,7 +104,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
         acts.append(actions.Webhook(args.webhook, timeout=args.webhook_timeout))
     if args.stop:
         acts.append(actions.StopTraining(run_dir=args.run))
-    engine = RuleEngine(_wait_for_run(args.run, args.timeout, args.poll), rules, actions=acts)
+    engine = RuleEngine(
+        _wait_for_run(args.run, args.timeout, args.poll),
+        rules,
+        actions=acts,
+        rank_timeout=args.rank_timeout,
+    )
     if not args.json:
         print(f"watching {args.run} with {', '.join(r.name for r in rules)}", flush=True)
     findings = []
@@ -103,6 +121,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     for a in acts:
         if isinstance(a, actions.Webhook):
             a.flush()
+    _print_lost_ranks(engine, args.json)
     return _summary(findings, engine.steps_evaluated, args.json)
 
 
@@ -140,6 +159,13 @@ def add_parsers(sub: Any) -> None:
             help="rule parameter (value parsed as JSON when it can be), repeatable",
         )
         p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument(
+            "--rank-timeout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="stop waiting for ranks dead or stalled this long (default: wait for every rank)",
+        )
         if name == "check":
             p.add_argument(
                 "--record", action="store_true", help="also append findings to the run's log"

@@ -12,7 +12,6 @@ import datetime as _dt
 import functools
 import json
 import logging
-import operator
 import os
 import re
 import threading
@@ -21,8 +20,10 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
-from ..errors import InvalidArgumentError, TrainingStopped
+from ..errors import InvalidArgumentError, StoreIOError, TrainingStopped
 from ..modes import Mode, ModeLike, to_mode
+from ..store.remote import is_remote
+from ..store.writer import check_int
 
 logger = logging.getLogger("tensorvigil")
 
@@ -50,16 +51,7 @@ COLLECTIONS_NAME = "collections.json"
 _ModeKey = Union[Mode, str, int]
 
 
-def _check_int(value: Any, what: str, minimum: int) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}") from None
-    if v < minimum:
-        raise InvalidArgumentError(f"{what} must be >= {minimum}, got {v}")
-    return v
+_check_int = check_int  # one integer check for the hooks and the store
 
 
 @dataclass(frozen=True)
@@ -504,6 +496,8 @@ class CaptureSession:
             ``torch.distributed`` may be initialised after the hook is made).
         exp_hist: Store the exponent histogram with every statistics record.
         writer_options: Passed to :class:`tensorvigil.StoreWriter`.
+        tensorboard_dir: Mirror what is captured into this TensorBoard directory while
+            training runs (:class:`tensorvigil.export.tensorboard.TensorBoardMirror`).
 
     """
 
@@ -517,14 +511,28 @@ class CaptureSession:
         rank_fn: Callable[[], int] = _detect_rank,
         exp_hist: bool = False,
         writer_options: Optional[dict] = None,
+        tensorboard_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
-        if isinstance(out_dir, str) and "://" in out_dir:
-            raise InvalidArgumentError(
-                f"out_dir '{out_dir}': object storage URLs are not supported yet; "
-                "use a local directory"
-            )
         if ranks not in ("all", "zero"):
             raise InvalidArgumentError(f"ranks must be 'all' or 'zero', got {ranks!r}")
+        self._writer_options = dict(writer_options or {})
+        self.target: Any = None
+        if is_remote(out_dir):
+            # Object storage: checked now (bad credentials or a missing bucket refuse before
+            # training starts); the writer stages the stream locally and uploads it, and
+            # collections, stop requests and in-process rules use the staging directory.
+            from ..store.remote import check_target
+
+            self.target = out_dir
+            self._writer_options.setdefault(
+                "staging_dir", check_target(out_dir, self._writer_options.get("staging_dir"))
+            )
+            out_dir = self._writer_options["staging_dir"]
+        elif isinstance(out_dir, str) and "://" in out_dir:
+            raise InvalidArgumentError(
+                f"out_dir '{out_dir}': unsupported URL scheme; use a local directory, "
+                "s3://bucket/prefix or a pyarrow.fs filesystem"
+            )
         self.out_dir = os.fspath(out_dir)
         self.plan = plan
         self.strict = bool(strict)
@@ -534,7 +542,6 @@ class CaptureSession:
         # kernels and adds a shared-memory atomic per element on the GPU.
         self.exp_hist = bool(exp_hist)
         self.exp_hist_gpu = bool(exp_hist)
-        self._writer_options = dict(writer_options or {})
         self._writer: Any = None
         self._writer_lock = threading.Lock()
         self.rank: Optional[int] = None
@@ -557,6 +564,13 @@ class CaptureSession:
         self.gpu: Any = None  # GPU capture path, attached by the framework module when used
         self._rules: Optional[RulesThread] = None
         self._rule_spec: Optional[tuple] = None
+        self._tb: Any = None  # TensorBoardMirror, started at the first commit
+        self._tb_dir: Optional[str] = None
+        if tensorboard_dir is not None:
+            from ..export.tensorboard import check_available
+
+            check_available()
+            self._tb_dir = os.fspath(tensorboard_dir)
         _LIVE.add(self)
 
     # -- writer ----------------------------------------------------------------------------
@@ -578,7 +592,8 @@ class CaptureSession:
                 if self._writer is None:
                     from ..store.writer import StoreWriter
 
-                    self._writer = StoreWriter(self.out_dir, self.rank or 0, **self._writer_options)
+                    where = self.out_dir if self.target is None else self.target
+                    self._writer = StoreWriter(where, self.rank or 0, **self._writer_options)
                 w = self._writer
         return w
 
@@ -622,6 +637,12 @@ class CaptureSession:
                 self.writer().commit(self.step, mode=self.mode, mode_step=self.mode_step)
             if self._rules is not None:
                 self._rules.notify()
+            if self._tb_dir is not None:
+                if self._tb is None:
+                    from ..export.tensorboard import TensorBoardMirror
+
+                    self._tb = TensorBoardMirror(self.out_dir, self._tb_dir, self.rank or 0)
+                self._tb.notify()
 
     @property
     def saving(self) -> bool:
@@ -752,9 +773,16 @@ class CaptureSession:
         path = os.path.join(self.out_dir, COLLECTIONS_NAME)
         os.makedirs(self.out_dir, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:  # e.g. a full disk: say which file, leave no temporary behind
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StoreIOError(f"[capture] cannot write '{path}': {e.strerror or e}") from e
 
     def request_stop(self, reason: str, *, write_file: bool = True) -> None:
         """Asks training to stop at the next step boundary (also other ranks, via the run)."""
@@ -846,8 +874,14 @@ class CaptureSession:
                     if self._writer is not None:
                         self._writer.close()
                 finally:
-                    if self._rules is not None:
-                        self._rules.close(final=commit_open)
+                    try:
+                        if self._rules is not None:
+                            self._rules.close(final=commit_open)
+                    finally:
+                        tb, self._tb = self._tb, None
+                        # after the rules' last pass, so their last findings are mirrored too
+                        if tb is not None and tb.close(final=True) is not None and self.strict:
+                            raise tb.error
 
 
 def _device_ready(t: Any) -> Any:
@@ -912,17 +946,29 @@ class RulesThread:
 def write_stop_request(run_dir: str, reason: str, source: str = "hook") -> str:
     """Writes ``stop_request.json`` into a run: hooks of every rank stop at their next step.
 
+    Args:
+        run_dir: The run directory, or a run in object storage (``s3://...``): the hooks'
+            uploaders poll the store for the request.
+        reason: Why training should stop.
+        source: Who asks (e.g. ``"rule LossSpike"``).
+
     Returns:
-        The path written.
+        The path (or object URL) written.
 
     """
-    path = os.path.join(os.fspath(run_dir), STOP_REQUEST_NAME)
     doc = {
         "reason": reason,
         "source": source,
         "time": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "pid": os.getpid(),
     }
+    if is_remote(run_dir):
+        from ..store.remote import open_store
+
+        store = open_store(run_dir)
+        store.put_bytes(STOP_REQUEST_NAME, json.dumps(doc).encode())
+        return f"{store.url}/{STOP_REQUEST_NAME}"
+    path = os.path.join(os.fspath(run_dir), STOP_REQUEST_NAME)
     tmp = f"{path}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
@@ -946,7 +992,7 @@ def read_stop_request(run_dir: str, since: float = 0.0) -> Optional[dict]:
             return None
         with open(path, encoding="utf-8") as f:
             raw = f.read(1 << 16)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run directory: no request
         return None
     except OSError:
         return {"reason": f"stop requested ({path} unreadable)"}

@@ -119,6 +119,10 @@ class Hook:
         writer_options: Further :class:`tensorvigil.StoreWriter` options (``level``,
             ``roll_bytes``, ``roll_seconds``, ``threads``, ``fsync`` (default ``False`` for
             hooks: a killed training process loses no committed step; an OS crash may)).
+        tensorboard_dir: Also mirror what is captured into this TensorBoard directory while
+            training runs (``DIR/rank<R>/<mode>``; see ``docs/TENSORBOARD.md``). A background
+            thread exports each committed step from the run; it needs
+            ``pip install 'tensorvigil[tensorboard]'``.
 
     Example:
         >>> hook = tv.torch.Hook("runs/exp1", collections=["weights", "gradients", "losses"],
@@ -149,6 +153,7 @@ class Hook:
         max_pending_bytes: int = 512 << 20,
         policy: str = "block",
         writer_options: Optional[dict] = None,
+        tensorboard_dir: Optional[Union[str, os.PathLike]] = None,
     ) -> None:
         if save is None:
             save = SaveConfig(every=10)
@@ -169,6 +174,7 @@ class Hook:
             rank_fn=_torch_rank,
             exp_hist=exp_hist,
             writer_options=opts,
+            tensorboard_dir=tensorboard_dir,
         )
         self._session.attach_rules(rules or [], on_finding)
         self._handles: list[Any] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import actions
-from .base import Finding, Needs, Rule, StatsBatch, StepView
+from .base import Finding, Needs, Rule, StatsBatch, StepBlock, StepView
 from .engine import RuleEngine, evaluate_run
 
 
@@ -55,6 +55,7 @@ __all__ = [
     "Rule",
     "RuleEngine",
     "StatsBatch",
+    "StepBlock",
     "StepView",
     "actions",
     "available",

@@ -294,6 +294,102 @@ class StepView:
         return f"StepView(step={self.step}, mode={self.mode}, tensors={len(self._batch)})"
 
 
+class StepBlock:
+    """Consecutive committed steps of one mode and one layout (for :meth:`Rule.fast_forward`).
+
+    Every step of a block has the same rows (tensor names and ranks, in the same order), so a
+    statistics column is a 2-D array ``(steps, rows)``: ``block.l1[k, j]`` is the ``l1`` of
+    row ``j`` at the ``k``-th step of the block.
+
+    Attributes:
+        steps: Global step of each step of the block (ascending).
+        mode: Mode of every step of the block.
+        mode_steps: Step within the mode of each step.
+        names: Tensor name of each row.
+        rank: Rank of each row (1-D).
+
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        cols: dict,
+        base: int,
+        width: int,
+        steps: np.ndarray,
+        mode: Mode,
+        mode_steps: np.ndarray,
+        names: list,
+    ) -> None:
+        self._engine = engine
+        self._all = cols
+        self._base = base
+        self.width = width
+        self.steps = steps
+        self.mode = mode
+        self.mode_steps = mode_steps
+        self.names = names
+        self._views: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def column(self, key: str) -> np.ndarray:
+        """Statistics column ``key`` as a ``(steps, rows)`` array (a view, do not modify)."""
+        v = self.__dict__.get(key)
+        if v is None:
+            n, w = len(self.steps), self.width
+            v = self._all[key][self._base : self._base + n * w].reshape(n, w)
+            self.__dict__[key] = v
+        return v
+
+    def __getattr__(self, key: str) -> np.ndarray:
+        if key.startswith("_") or key not in self._all:
+            raise AttributeError(key)
+        if key == "rank":
+            v = self._all["rank"][self._base : self._base + self.width]
+            self.__dict__["rank"] = v
+            return v
+        return self.column(key)
+
+    def finite(self) -> np.ndarray:
+        """Finite element count of each row at each step (``numel - nan - posinf - neginf``)."""
+        v = self.__dict__.get("_finite")
+        if v is None:
+            v = self.numel - self.nonfinite()
+            self.__dict__["_finite"] = v
+        return v
+
+    def nonfinite(self) -> np.ndarray:
+        """NaN and infinity count of each row at each step."""
+        v = self.__dict__.get("_nonfinite")
+        if v is None:
+            v = self.nan + self.posinf + self.neginf
+            self.__dict__["_nonfinite"] = v
+        return v
+
+    def view(self, k: int) -> StepView:
+        """The :class:`StepView` of the ``k``-th step of the block (as ``evaluate`` gets it)."""
+        v = self._views.get(k)
+        if v is None:
+            lo = self._base + k * self.width
+            batch = StatsBatch(self.names, self._all, lo, lo + self.width)
+            engine = self._engine
+            v = StepView(
+                engine.run, int(self.steps[k]), self.mode, int(self.mode_steps[k]), batch, engine
+            )
+            if len(self._views) > 64:
+                self._views.clear()
+            self._views[k] = v
+        return v
+
+    def __repr__(self) -> str:
+        return (
+            f"StepBlock(steps {int(self.steps[0])}..{int(self.steps[-1])}, {self.mode}, "
+            f"{len(self)} steps x {self.width} rows)"
+        )
+
+
 class Rule:
     """Base class of rules. Subclasses set :attr:`needs` and implement :meth:`evaluate`.
 
@@ -328,6 +424,17 @@ class Rule:
     def evaluate(self, step: StepView) -> Union[Finding, Sequence[Finding], None]:
         """Checks one step; returns a finding (or several) when the condition holds."""
         raise NotImplementedError(f"{self.name} does not implement evaluate()")
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Optional fast path: skips the steps of ``block`` at which nothing can be found.
+
+        Returns the index (``>= start``) of the first step of the block from ``start`` on at
+        which the engine must call :meth:`evaluate`, or ``len(block)``. For every step skipped
+        the rule must leave its state exactly as :meth:`evaluate` would have left it after
+        returning no finding (updating it itself when :meth:`evaluate` would have). The default
+        skips nothing.
+        """
+        return start
 
     def finding(
         self,

@@ -25,17 +25,20 @@ from ..errors import (
     TensorNotFoundError,
 )
 from ..modes import Mode, ModeLike, to_mode
+from .remote import is_remote
 from .writer import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, check_step
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow
 
 
-def open_run(path: Union[str, os.PathLike], *, strict: bool = True) -> Run:
+def open_run(path: Union[str, os.PathLike, Any], *, strict: bool = True) -> Run:
     """Opens a run directory for reading (also while it is being written).
 
     Args:
-        path: The run directory given to the writer or hook.
+        path: The run directory given to the writer or hook; or a run in object storage
+            (``s3://bucket/prefix``, a ``pyarrow.fs`` filesystem or ``(filesystem, path)``),
+            read through a local cache with ranged reads (``$TV_CACHE_DIR``).
         strict: Raise :class:`DataCorruptionError` on corrupt shards. With ``False``, reading
             stops at the first corrupt frame of a shard and :attr:`Run.problems` lists it.
 
@@ -88,6 +91,14 @@ class Run:
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, strict: bool = True) -> None:
+        self._mirror: Any = None
+        if is_remote(path):
+            from .remote import Mirror
+
+            self._mirror = Mirror(path)
+            path = self._mirror.path
+        #: Where the run lives: the directory, or the object-store URL.
+        self.url = os.fspath(path) if self._mirror is None else self._mirror.url
         self.path = os.fspath(path)
         self.manifest = _read_manifest(self.path)
         self._r = _core.RunReader(self.path, strict)
@@ -95,18 +106,28 @@ class Run:
     # --- discovery -----------------------------------------------------------------------
     def refresh(self) -> int:
         """Reads what writers appended since; returns the number of newly committed steps."""
+        if self._mirror is not None:
+            self._mirror.sync()
         return self._r.refresh()
 
     def ranks(self) -> list[int]:
         """Ranks that wrote a stream into this run."""
         return list(self._r.ranks())
 
-    def steps(self, mode: Optional[ModeLike] = None, rank: Optional[int] = None) -> list[int]:
+    def steps(
+        self,
+        mode: Optional[ModeLike] = None,
+        rank: Optional[int] = None,
+        rank_timeout: Optional[float] = None,
+    ) -> list[int]:
         """Committed global steps, ascending.
 
         Args:
             mode: Only steps of this mode.
             rank: Only this rank's steps. By default a step counts when every rank committed it.
+            rank_timeout: Ranks that are dead or stalled for this many seconds (see
+                :meth:`rank_status`) no longer hold steps back: a step counts when every other
+                rank committed it.
 
         """
         c = self._r.commits()
@@ -116,7 +137,7 @@ class Run:
         if rank is not None:
             sel &= c["rank"] == rank
             return sorted({int(s) for s in c["step"][sel]})
-        ranks = self._r.ranks()
+        ranks = self.live_ranks(rank_timeout) if rank_timeout is not None else self._r.ranks()
         if len(ranks) <= 1:
             return sorted({int(s) for s in c["step"][sel]})
         per_rank = [set(c["step"][sel & (c["rank"] == r)].tolist()) for r in ranks]
@@ -178,6 +199,41 @@ class Run:
     def ended(self, rank: int = 0) -> bool:
         """True when the writer of ``rank`` closed its stream cleanly."""
         return self._r.ended(rank)
+
+    def rank_status(self, timeout: float = 60.0) -> dict[int, dict]:
+        """The state of each rank's writer, to tell a slow rank from a dead one.
+
+        ``state`` is ``"ended"`` (closed cleanly), ``"live"`` (committing, or idle for less than
+        ``timeout`` seconds), ``"stalled"`` (its writer holds the lock but committed nothing
+        for ``timeout`` seconds while another rank committed later steps) or ``"dead"`` (not
+        ended, no writer holds its lock and nothing committed for ``timeout`` seconds: the
+        process exited or was killed). Also ``last_step`` (-1: none) and ``idle_s`` (seconds
+        since its last commit). Writer liveness is probed through ``writer.lock`` (§3.6), so
+        it is only known on local file systems; runs in object storage judge by time alone.
+        """
+        c = self._r.commits()
+        now = time.time()
+        newest = int(c["step"].max()) if len(c["step"]) else -1
+        out: dict[int, dict] = {}
+        for r in self._r.ranks():
+            mine = c["rank"] == r
+            last = int(c["step"][mine].max()) if mine.any() else -1
+            idle = float(now - c["wall_time"][mine].max()) if mine.any() else float("inf")
+            if self._r.ended(r):
+                state = "ended"
+            elif idle < timeout:
+                state = "live"
+            elif self._mirror is None and self._r.writer_alive(r):
+                state = "stalled" if last < newest else "live"
+            else:
+                state = "dead"
+            out[r] = {"state": state, "last_step": last, "idle_s": idle}
+        return out
+
+    def live_ranks(self, timeout: float = 60.0) -> list[int]:
+        """Ranks that are neither dead nor stalled (:meth:`rank_status`)."""
+        status = self.rank_status(timeout)
+        return [r for r, s in status.items() if s["state"] in ("ended", "live")]
 
     # --- tensors -------------------------------------------------------------------------
     def tensor(self, name: str) -> Tensor:
@@ -304,20 +360,40 @@ class Run:
             time.sleep(poll)
 
     def findings(self) -> list[dict]:
-        """Rule findings recorded in the run (``findings.jsonl``), oldest first."""
-        path = os.path.join(self.path, "findings.jsonl")
-        out: list[dict] = []
+        """Rule findings recorded in the run, oldest first.
+
+        From ``findings.jsonl`` and, for runs in object storage, the per-watcher
+        ``findings.<producer>.jsonl`` objects (merged by time).
+        """
+        if self._mirror is not None:
+            self._mirror.sync()
+        names = ["findings.jsonl"]
         try:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    line = line.strip()
-                    if line:
-                        try:
-                            out.append(json.loads(line))
-                        except ValueError:
-                            continue  # a torn last line from a crashed writer
+            names += sorted(
+                n
+                for n in os.listdir(self.path)
+                if n.startswith("findings.") and n.endswith(".jsonl") and n != "findings.jsonl"
+            )
         except FileNotFoundError:
             pass
+        out: list[dict] = []
+        for name in names:
+            try:
+                # errors="replace": a line with bad UTF-8 fails to parse and is skipped (§3.5).
+                with open(os.path.join(self.path, name), encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        line = line.strip()
+                        if line:
+                            try:
+                                doc = json.loads(line)
+                            except ValueError:
+                                continue  # a torn last line from a crashed writer
+                            if isinstance(doc, dict):
+                                out.append(doc)
+            except FileNotFoundError:
+                pass
+        if len(names) > 1:
+            out.sort(key=lambda f: str(f.get("time", "")))
         return out
 
     def __repr__(self) -> str:
@@ -376,6 +452,10 @@ class Tensor:
 
         """
         self.record(step, rank)
+        if self.run._mirror is not None:  # object storage: fetch the frame's bytes first
+            loc = self.run._r.value_location(self.name, check_step(step), rank)
+            if loc is not None:
+                self.run._mirror.ensure(*loc)
         return self.run._r.read(self.name, check_step(step), rank)
 
     def stats(self, step: int, rank: int = 0) -> _core.Stats:

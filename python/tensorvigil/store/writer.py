@@ -12,6 +12,7 @@ from .. import _core
 from .._arrays import as_array
 from ..errors import InvalidArgumentError, StoreIOError
 from ..modes import ModeLike, to_mode
+from .remote import is_remote
 
 MANIFEST_NAME = "manifest.json"
 _MODE_CODES = {"train": 0, "eval": 1, "predict": 2, "global": 3}
@@ -46,7 +47,10 @@ class StoreWriter:
     :meth:`commit` is called for that step.
 
     Args:
-        run_dir: Run directory; created with its manifest if missing.
+        run_dir: Run directory; created with its manifest if missing. Or a run in object
+            storage: ``s3://bucket/prefix``, a ``pyarrow.fs`` filesystem or ``(filesystem,
+            path)``: the stream is staged locally and each shard is uploaded once it is sealed
+            (``roll_seconds`` bounds how late a remote reader sees a step).
         rank: This process's rank (one stream per rank).
         codec: Codec for floating-point tensors: ``"shuffle-zstd"`` (default), ``"zstd"`` or
             ``"raw"``.
@@ -55,9 +59,13 @@ class StoreWriter:
         policy: ``"block"`` waits for space (loses nothing); ``"skip"`` drops raw payloads of a
             full step and keeps their statistics (the drop is recorded).
         roll_bytes: Shard size after which the next commit starts a new shard.
-        roll_seconds: Shard age after which the next commit (or an idle timer) starts a new one.
+        roll_seconds: Shard age after which the next commit (or an idle timer) starts a new one
+            (default 30 s; 5 s for object storage).
         threads: Native encoder threads.
         fsync: fsync shards when sealed and on close.
+        staging_dir: Object storage only: the local staging directory (default
+            ``$TV_STAGING_DIR`` or the temp directory, one folder per run URL).
+        upload_interval: Object storage only: seconds between upload scans.
 
     Example:
         >>> with StoreWriter("runs/exp1") as w:
@@ -77,13 +85,25 @@ class StoreWriter:
         max_pending_bytes: int = 512 << 20,
         policy: str = "block",
         roll_bytes: int = 256 << 20,
-        roll_seconds: float = 30.0,
+        roll_seconds: Optional[float] = None,
         threads: int = 2,
         fsync: bool = True,
+        staging_dir: Optional[str] = None,
+        upload_interval: float = 1.0,
     ) -> None:
         if not isinstance(rank, int) or rank < 0:
             raise InvalidArgumentError(f"rank must be a non-negative int, got {rank!r}")
+        self.url: Optional[str] = None
+        self._uploader: Any = None
+        if is_remote(run_dir):
+            from .remote import stage_for_writing
+
+            self._uploader = stage_for_writing(run_dir, rank, staging_dir, upload_interval)
+            self.url = self._uploader.store.url
+            run_dir = self._uploader.staging
+            roll_seconds = 5.0 if roll_seconds is None else roll_seconds
         run_dir = os.fspath(run_dir)
+        roll_seconds = 30.0 if roll_seconds is None else roll_seconds
         try:
             write_manifest(run_dir)
         except OSError as e:
@@ -103,6 +123,8 @@ class StoreWriter:
             threads=threads,
             fsync=fsync,
         )
+        if self._uploader is not None:
+            self._uploader.start()
 
     def write(
         self,
@@ -158,14 +180,22 @@ class StoreWriter:
         """Marks ``step`` complete: its tensors become visible to readers."""
         step = check_step(step)
         self._w.commit(step, int(to_mode(mode)), mode_step)
+        if self._uploader is not None:
+            self._uploader.notify()
 
     def flush(self, sync: bool = False) -> None:
         """Blocks until everything written so far is on disk (fsynced when ``sync``)."""
         self._w.flush(sync)
 
     def close(self) -> None:
-        """Flushes, seals the stream and releases its lock. Idempotent."""
+        """Flushes, seals the stream and releases its lock. Idempotent.
+
+        For object storage, then uploads what is left (see :class:`~.remote.Uploader`).
+        """
         self._w.close()
+        if self._uploader is not None:
+            up, self._uploader = self._uploader, None
+            up.close()
 
     @property
     def closed(self) -> bool:
@@ -183,14 +213,22 @@ class StoreWriter:
         self.close()
 
 
+def check_int(value: Any, what: str, minimum: int = 0) -> int:
+    """Returns ``value`` as an int (not a bool), or raises InvalidArgumentError naming ``what``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{what} must be an integer, got {value!r}") from None
+    if v < minimum:
+        raise InvalidArgumentError(f"{what} must be >= {minimum}, got {v}")
+    return v
+
+
 def check_step(step: Any) -> int:
     """Returns ``step`` as an int, or raises InvalidArgumentError unless it is an integer >= 0."""
     try:
-        if isinstance(step, bool):
-            raise TypeError
-        s = operator.index(step)
-    except TypeError:
+        return check_int(step, "step")
+    except InvalidArgumentError:
         raise InvalidArgumentError(f"step must be a non-negative integer, got {step!r}") from None
-    if s < 0:
-        raise InvalidArgumentError(f"step must be a non-negative integer, got {s}")
-    return s

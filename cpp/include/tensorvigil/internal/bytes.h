@@ -31,8 +31,11 @@ class ByteWriter {
 /// Reads fields from [p, p + n); any read past the end throws DataLoss naming `where`.
 class ByteReader {
  public:
+  /// `where` names the structure in error messages; it must outlive the reader (it is not
+  /// copied: a reader is made per decoded record).
   ByteReader(const uint8_t* p, std::size_t n, const std::string& where)
-      : p_(p), n_(n), where_(where) {}
+      : p_(p), n_(n), where_(where.c_str()) {}
+  ByteReader(const uint8_t* p, std::size_t n, const char* where) : p_(p), n_(n), where_(where) {}
   template <typename T>
   T get() {
     need(sizeof(T));
@@ -53,7 +56,7 @@ class ByteReader {
  private:
   void need(std::size_t k) {
     if (k > n_ - pos_)
-      throw_error(ErrorCode::kDataLoss, "[" + where_ + "] record is truncated (needs " +
+      throw_error(ErrorCode::kDataLoss, std::string("[") + where_ + "] record is truncated (needs " +
                                             std::to_string(k) + " more bytes at offset " +
                                             std::to_string(pos_) + " of " + std::to_string(n_) +
                                             ")");
@@ -61,7 +64,7 @@ class ByteReader {
   const uint8_t* p_;
   std::size_t n_;
   std::size_t pos_ = 0;
-  std::string where_;
+  const char* where_;
 };
 
 }  // namespace tensorvigil::internal

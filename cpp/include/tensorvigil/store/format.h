@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tensorvigil/dtype.h"
@@ -77,6 +78,36 @@ struct TensorMeta {
   TensorStats stats;
 };
 
+/// A tensor meta decoded without allocating: the name and the histograms point into the
+/// decoded buffer (valid while it is). TensorMeta is built from it.
+struct TensorMetaView {
+  /// Statistics; histogram pointers are null when absent.
+  struct Stats {
+    uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
+    double min = 0.0, max = 0.0, mean = 0.0, m2 = 0.0, abs_sum = 0.0, abs_max = 0.0;
+    uint16_t hist_bins = 0;  ///< Fixed-bin histogram bins (0: none).
+    double hist_lo = 0.0, hist_hi = 0.0;
+    uint64_t hist_below = 0, hist_above = 0;
+    const uint8_t* hist = nullptr;  ///< hist_bins little-endian uint64 counts.
+    bool has_exp_hist = false;
+    uint16_t exp_first = 0, exp_count = 0;
+    const uint8_t* exp_hist = nullptr;  ///< exp_count counts starting at bucket exp_first.
+    bool has_hists() const { return hist_bins != 0 || has_exp_hist; }
+    /// Fills the scalar fields of `s` and, when `with_hists`, its histograms.
+    void copy_to(TensorStats* s, bool with_hists) const;
+  };
+  std::string_view name;
+  int64_t step = 0;
+  int64_t mode_step = 0;
+  Mode mode = Mode::kTrain;
+  DType dtype = DType::kFloat32;
+  uint8_t ndim = 0;
+  int64_t shape[kMaxNdim] = {};
+  uint64_t raw_nbytes = 0;
+  double wall_time = 0.0;
+  Stats stats;
+};
+
 /// Decoded meta of a commit frame.
 struct CommitMeta {
   int64_t step = 0;
@@ -118,6 +149,9 @@ bool decode_frame_header(const uint8_t in[kFrameHeaderSize], FrameHeader* h);
 
 std::vector<uint8_t> encode_tensor_meta(const TensorMeta& m);
 TensorMeta decode_tensor_meta(const uint8_t* p, std::size_t n, const std::string& where);
+/// Same validation as decode_tensor_meta, without copying name, shape or histograms.
+void decode_tensor_meta_view(const uint8_t* p, std::size_t n, const std::string& where,
+                             TensorMetaView* m);
 std::vector<uint8_t> encode_commit_meta(const CommitMeta& m);
 CommitMeta decode_commit_meta(const uint8_t* p, std::size_t n, const std::string& where);
 std::vector<uint8_t> encode_end_meta(double wall_time, uint64_t num_commits);

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -18,7 +19,8 @@
 
 namespace tensorvigil::store {
 
-/// One committed tensor record.
+/// One committed tensor record, materialized from the reader's compact record table (a copy:
+/// it stays valid across RunReader::refresh()).
 struct RecordInfo {
   uint32_t name_id = 0;
   uint32_t rank = 0;
@@ -38,12 +40,61 @@ struct RecordInfo {
   uint64_t payload_len = 0;
   uint32_t payload_crc = 0;
   /// Statistics. Histograms are not kept in memory for every record (a 256-bucket exponent
-  /// histogram is 2 KiB decoded): when `hists_elided`, `stats.hist`/`stats.exp_hist` are empty
-  /// and RunReader::load_histograms() reads them back from the shard.
+  /// histogram is 2 KiB decoded): when `hists_elided`, `stats.hist`/`stats.exp_hist` (and the
+  /// hist_lo/hist_hi/hist_below/hist_above fields) are empty and RunReader::load_histograms()
+  /// reads them back from the shard.
   TensorStats stats;
   bool hists_elided = false;
   /// True when the record carries the tensor's values (not stats-only, not dropped).
   bool has_value() const { return (flags & (kFlagStatsOnly | kFlagDropped)) == 0; }
+};
+
+/// One entry of the reader's record table: fixed size and free of heap members, so a run of
+/// millions of records is one contiguous array (88 bytes a record; the statistics are columns of
+/// a StatsTable beside it). Shapes are interned (RunReader::shape()); histograms stay on disk
+/// (RunReader::load_histograms()).
+struct RecordRow {
+  int64_t step = 0;
+  int64_t mode_step = 0;
+  double wall_time = 0.0;
+  uint64_t raw_nbytes = 0;
+  uint64_t frame_offset = 0;  ///< File offset of the frame header.
+  uint64_t payload_len = 0;
+  uint32_t name_id = 0;
+  uint32_t rank = 0;
+  uint32_t shard = 0;     ///< Index into the reader's shard table.
+  uint32_t shape_id = 0;  ///< Index into the reader's shape table.
+  uint32_t meta_len = 0;  ///< The payload starts at frame_offset + kFrameHeaderSize + meta_len.
+  uint32_t meta_crc = 0;
+  uint32_t payload_crc = 0;
+  uint16_t flags = 0;
+  Mode mode = Mode::kTrain;
+  DType dtype = DType::kFloat32;
+  Codec codec = Codec::kRaw;
+  bool hists = false;  ///< The record has histograms (left on disk).
+
+  bool has_value() const { return (flags & (kFlagStatsOnly | kFlagDropped)) == 0; }
+};
+
+/// Scalar statistics of one record (TensorStats without histograms).
+struct ScalarStats {
+  uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  double min = 0.0, max = 0.0, mean = 0.0, m2 = 0.0, abs_sum = 0.0, abs_max = 0.0;
+  /// As a TensorStats (no histograms).
+  TensorStats to_stats() const;
+};
+
+/// The scalar statistics of every record of the table, one column per field (index = row), so
+/// reading one statistic of a range of records reads only that column.
+struct StatsTable {
+  std::vector<uint64_t> numel, nan, posinf, neginf, zeros;
+  std::vector<double> min, max, mean, m2, abs_sum, abs_max;
+
+  std::size_t size() const { return numel.size(); }
+  void reserve(std::size_t n);
+  void push_back(const ScalarStats& s);
+  void set(std::size_t i, const ScalarStats& s);
+  ScalarStats get(std::size_t i) const;
 };
 
 /// One committed step of one rank.
@@ -65,9 +116,9 @@ struct Selection {
   int mode = -1;                 ///< -1: any mode, else a Mode value.
 };
 
-/// Thread safety: read_value() may run concurrently with anything, including refresh(); the
-/// accessors returning references (records(), commits(), names(), find(), select()) must not
-/// overlap a refresh() (the Python binding holds the GIL for them).
+/// Thread safety: read_value() and load_histograms() may run concurrently with anything,
+/// including refresh(); the other accessors (records(), row(), commits(), names(), find(),
+/// select()) must not overlap a refresh() (the Python binding holds a shared lock for them).
 class RunReader {
  public:
   /// Opens `run_dir` (a directory holding rank-NNNNN/ stream directories) and reads what is
@@ -86,14 +137,56 @@ class RunReader {
   const std::vector<std::string>& names() const;
   /// Id of a tensor name, or -1.
   int64_t name_id(const std::string& name) const;
+  /// Number of committed tensor records.
+  std::size_t num_records() const;
+  /// Entry `i` of the record table (commit order per rank, ranks interleaved by refresh).
+  const RecordRow& row(std::size_t i) const;
+  /// The whole record table (row(i) without the bounds check).
+  const std::vector<RecordRow>& rows() const;
+  /// The statistics of the record table, row by row.
+  const StatsTable& stats_table() const;
+  /// Record `i` materialized (histograms elided).
+  RecordInfo record(std::size_t i) const;
+  /// Shape `id` of the shape table.
+  const std::vector<int64_t>& shape(uint32_t id) const;
+
+  /// The records as a range of materialized RecordInfo values (for iteration in tests and
+  /// tools; hot paths use row()).
+  class RecordRange {
+   public:
+    class iterator {
+     public:
+      iterator(const RunReader* r, std::size_t i) : r_(r), i_(i) {}
+      RecordInfo operator*() const { return r_->record(i_); }
+      iterator& operator++() {
+        ++i_;
+        return *this;
+      }
+      bool operator!=(const iterator& o) const { return i_ != o.i_; }
+
+     private:
+      const RunReader* r_;
+      std::size_t i_;
+    };
+    explicit RecordRange(const RunReader* r) : r_(r) {}
+    iterator begin() const { return iterator(r_, 0); }
+    iterator end() const { return iterator(r_, r_->num_records()); }
+    std::size_t size() const { return r_->num_records(); }
+
+   private:
+    const RunReader* r_;
+  };
   /// Committed tensor records, in commit order per rank (ranks interleaved by refresh).
-  const std::vector<RecordInfo>& records() const;
+  RecordRange records() const { return RecordRange(this); }
   /// Committed steps, in commit order per rank.
   const std::vector<StepInfo>& commits() const;
-  /// The record of (name, step, rank) or nullptr. A step written twice (a restarted writer)
-  /// resolves to the later record.
-  const RecordInfo* find(uint32_t name_id, int64_t step, uint32_t rank) const;
-  /// Indices into records() of the records matching `sel`, in records() order.
+  /// Index into the record table of (name, step, rank), or -1. A step written twice (a
+  /// restarted writer) resolves to the later record.
+  int64_t find_index(uint32_t name_id, int64_t step, uint32_t rank) const;
+  /// The record of (name, step, rank), or nothing.
+  std::optional<RecordInfo> find(uint32_t name_id, int64_t step, uint32_t rank) const;
+  /// Indices into the record table of the records matching `sel`, in table order. A step
+  /// range reads only the records of the matching commits (binary search), not the whole table.
   std::vector<std::size_t> select(const Selection& sel) const;
   /// True when the rank's writer closed its stream cleanly.
   bool ended(uint32_t rank) const;

@@ -7,10 +7,11 @@ from typing import Any
 
 from ...errors import InvalidArgumentError
 from ..base import Rule
-from . import data, health, literature
+from . import data, health, literature, ranks
+from . import xgboost as _xgboost
 
 REGISTRY: dict[str, type[Rule]] = {}
-for _mod in (health, literature, data):
+for _mod in (health, literature, data, ranks, _xgboost):
     for _name in _mod.__all__:
         REGISTRY[_name] = getattr(_mod, _name)
 

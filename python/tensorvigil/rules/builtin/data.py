@@ -17,7 +17,9 @@ import numpy as np
 
 from ...errors import InvalidArgumentError
 from ..base import Needs, Rule, StepView
-from .literature import _Edge, _fmt, _listed, _number, _regex, _RowCache
+from ._params import number as _number
+from ._params import regex as _regex
+from .literature import _Edge, _fmt, _listed, _RowCache
 
 __all__ = ["ClassImbalance", "Confusion", "CheckInputImages", "NLPSequenceRatio"]
 
@@ -240,6 +242,8 @@ class Confusion(_ValuesRule):
         argmax: Take the argmax over the last axis of predictions.
         labels_regex: Which tensors hold the labels.
         predictions_regex: Which tensors hold the predictions.
+        start_step: First mode step judged (a boosted model's first iterations predict
+            little more than the class prior; 10 suits XGBoost runs).
 
     """
 
@@ -252,6 +256,7 @@ class Confusion(_ValuesRule):
         argmax: bool = False,
         labels_regex: str = ".*labels",
         predictions_regex: str = ".*predictions",
+        start_step: int = 0,
     ) -> None:
         super().__init__()
         n = type(self).__name__
@@ -270,9 +275,12 @@ class Confusion(_ValuesRule):
         self._cache = _RowCache()
         self._edge = _Edge()
         self._k = self.category_no or 0
+        self.start_step = _number(n, "start_step", start_step, lo=0, integer=True)
 
     def evaluate(self, step: StepView) -> Optional[list]:
         """Checks one step; returns the conditions that started to hold."""
+        if step.mode_step < self.start_step:
+            return None
         labels = self._rows(step, self._lpat)
         preds = self._rows(step, self._ppat)
         out = []

@@ -24,13 +24,17 @@ import math
 import os
 import re
 import time
+import weakref
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from ...errors import InvalidArgumentError, NotFoundError
 from ...modes import Mode, to_mode
-from ..base import Finding, Needs, Rule, StatsBatch, StepView
+from ..base import Finding, Needs, Rule, StatsBatch, StepBlock, StepView
+from ._params import bad as _bad
+from ._params import number as _number
+from ._params import regex as _regex
 from .literature import _Edge
 
 __all__ = [
@@ -64,59 +68,6 @@ _MAX_LISTED = 5
 # -- parameter checks -----------------------------------------------------------------------------
 
 
-def _bad(rule: str, param: str, what: str, value: Any) -> InvalidArgumentError:
-    return InvalidArgumentError(f"{rule}: parameter {param} {what}, got {value!r}")
-
-
-def _number(
-    rule: str,
-    param: str,
-    value: Any,
-    *,
-    minimum: Optional[float] = None,
-    positive: bool = False,
-    optional: bool = False,
-) -> Optional[float]:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise _bad(rule, param, "must be a number", value)
-    v = float(value)
-    if math.isnan(v):
-        raise _bad(rule, param, "must not be NaN", value)
-    if positive and not v > 0:
-        raise _bad(rule, param, "must be > 0", value)
-    if minimum is not None and v < minimum:
-        raise _bad(rule, param, f"must be >= {minimum:g}", value)
-    return v
-
-
-def _integer(
-    rule: str, param: str, value: Any, *, minimum: int = 0, optional: bool = False
-) -> Optional[int]:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise _bad(rule, param, "must be an integer", value)
-    if value < minimum:
-        raise _bad(rule, param, f"must be >= {minimum}", value)
-    return int(value)
-
-
-def _regex(rule: str, param: str, value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise _bad(rule, param, "must be a non-empty regular expression string", value)
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise InvalidArgumentError(
-            f"{rule}: parameter {param} is not a valid regular expression ({e}): {value!r}"
-        ) from None
-    return value
-
-
 def _collections(rule: str, param: str, value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -142,7 +93,7 @@ def _band(rule: str, param: str, value: Any) -> tuple[float, float]:
 
 
 def _percent(rule: str, param: str, value: Any) -> float:
-    v = _number(rule, param, value, minimum=0.0)
+    v = _number(rule, param, value, lo=0.0)
     if v > 100.0:
         raise _bad(rule, param, "must be a percentage in [0, 100]", value)
     return v
@@ -242,18 +193,20 @@ class _Derived:
         self.multi_rank = bool(len(b) and b.rank.any())
 
 
-# (batch object, its derived columns): the rules of one step share it.
-_DERIVED: tuple = (None, None)
-
-
 def _derived(b: StatsBatch) -> _Derived:
-    global _DERIVED
-    cached = _DERIVED
-    if cached[0] is b:
-        return cached[1]
-    d = _Derived(b)
-    _DERIVED = (b, d)
+    """The derived columns of a batch, computed once and kept on it (rules share the batch)."""
+    d = b.__dict__.get("_tv_derived")
+    if d is None:
+        d = b.__dict__["_tv_derived"] = _Derived(b)
     return d
+
+
+def _first_hit(start: int, mask: np.ndarray, n: int) -> int:
+    """``start`` + the first row of a (steps, ...) mask with any true element, else ``n``."""
+    if mask.ndim > 1:
+        mask = mask.any(axis=tuple(range(1, mask.ndim)))
+    rows = np.flatnonzero(mask)
+    return start + int(rows[0]) if len(rows) else n
 
 
 def _first_rank_rows(b: StatsBatch, idx: np.ndarray) -> np.ndarray:
@@ -290,15 +243,15 @@ def _loss_values(step: StepView, sel: _Select) -> dict[str, float]:
     idx = sel.index(step)
     if not len(idx):
         return {}
-    fin_col, mean_col, nan_col = _derived(b).finite, b.mean, b.nan
+    numel_col, mean_col, nan_col = b.numel, b.mean, b.nan
     pinf_col, ninf_col = b.posinf, b.neginf
     out: dict[str, list] = {}
     names = b.names
     for i in idx.tolist():
-        fin, mean, nan = fin_col.item(i), mean_col.item(i), nan_col.item(i)
+        mean, nan = mean_col.item(i), nan_col.item(i)
         if nan:
             v = math.nan
-        elif fin > 0:
+        elif numel_col.item(i) - pinf_col.item(i) - ninf_col.item(i) > 0:
             v = mean
         else:  # only infinities: report them as such
             v = math.inf if pinf_col.item(i) >= ninf_col.item(i) else -math.inf
@@ -406,10 +359,24 @@ class VanishingGradient(Rule):
 
     def __init__(self, threshold: float = 1e-7, min_elements: int = 100) -> None:
         super().__init__()
-        self.threshold = _number(self.name, "threshold", threshold, minimum=0.0)
-        self.min_elements = _integer(self.name, "min_elements", min_elements, minimum=0)
+        self.threshold = _number(self.name, "threshold", threshold, lo=0.0)
+        self.min_elements = _number(self.name, "min_elements", min_elements, integer=True, lo=0)
         self._sel = _Select(("gradients",), fallback=_GRAD_RE)
         self._edge = _Edge()
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips the steps where no inspected gradient is below the threshold."""
+        if self._edge.active:
+            return start
+        idx = self._sel.index(block.view(start))
+        if not len(idx):
+            return len(block)
+        big = block.numel[start:, idx] >= self.min_elements
+        use = big | ~big.any(axis=1, keepdims=True)
+        fin = block.finite()[start:, idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ma = block.l1[start:, idx] / np.maximum(fin, 1)
+        return _first_hit(start, (ma < self.threshold) & (fin > 0) & use, len(block))
 
     def evaluate(self, step: StepView) -> Optional[Finding]:
         """Checks the gradients saved at ``step``."""
@@ -464,12 +431,19 @@ class ExplodingTensor(Rule):
     ) -> None:
         super().__init__()
         self.only_nan = bool(only_nan)
-        self.tensor_regex = _regex(self.name, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(self.name, "tensor_regex", tensor_regex, optional=True)
         self.collections = list(_collections(self.name, "collections", collections))
         if self.collections or self.tensor_regex:
             self.needs = Needs(collections=self.collections, regex=self.tensor_regex)
         self._sel = _Select(self.collections, self.tensor_regex, everything=True)
         self._edge = _Edge()
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips the steps where no tensor holds NaN (or Inf)."""
+        if self._edge.active:
+            return start
+        col = block.nan if self.only_nan else block.nonfinite()
+        return _first_hit(start, col[start:] > 0, len(block))
 
     def evaluate(self, step: StepView) -> Optional[Finding]:
         """Checks the NaN/Inf counts of the tensors saved at ``step``."""
@@ -554,13 +528,15 @@ class PoorWeightInitialization(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.activation_inputs_regex = _regex(n, "activation_inputs_regex", activation_inputs_regex)
-        self.threshold = _number(n, "threshold", threshold, minimum=1.0)
-        self.distribution_range = _number(n, "distribution_range", distribution_range, minimum=0)
-        self.patience = _integer(n, "patience", patience, minimum=1)
-        self.steps = _integer(n, "steps", steps, minimum=1)
-        self.min_elements = _integer(n, "min_elements", min_elements, minimum=2)
-        self.significance = _number(n, "significance", significance, minimum=0.0)
+        self.activation_inputs_regex = _regex(
+            n, "activation_inputs_regex", activation_inputs_regex, optional=True
+        )
+        self.threshold = _number(n, "threshold", threshold, lo=1.0)
+        self.distribution_range = _number(n, "distribution_range", distribution_range, lo=0)
+        self.patience = _number(n, "patience", patience, integer=True, lo=1)
+        self.steps = _number(n, "steps", steps, integer=True, lo=1)
+        self.min_elements = _number(n, "min_elements", min_elements, integer=True, lo=2)
+        self.significance = _number(n, "significance", significance, lo=0.0)
         self._act = _Select(("relu_input",), self.activation_inputs_regex)
         self._grad = _Select(("gradients",), fallback=_GRAD_RE)
         self._loss = _loss_select()
@@ -568,6 +544,12 @@ class PoorWeightInitialization(Rule):
         self._losses: list[float] = []
         self._ratios: list[float] = []
         self._reported: set = set()
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips everything after the first ``steps`` training steps (and other modes)."""
+        if block.mode not in (Mode.TRAIN, Mode.GLOBAL) or self._seen >= self.steps:
+            return len(block)
+        return start
 
     def evaluate(self, step: StepView) -> Optional[list[Finding]]:
         """Runs the three checks on the first ``steps`` saved training steps."""
@@ -729,12 +711,12 @@ class _ActivityRule(Rule):
         window: int = 1,
     ):
         super().__init__()
-        self.tensor_regex = _regex(self.name, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(self.name, "tensor_regex", tensor_regex, optional=True)
         self.threshold_inactivity = _percent(
             self.name, "threshold_inactivity", threshold_inactivity
         )
         self.threshold_layer = _percent(self.name, "threshold_layer", threshold_layer)
-        self.window = _integer(self.name, "window", window, minimum=1)
+        self.window = _number(self.name, "window", window, integer=True, lo=1)
         self.needs = Needs(
             collections=list(self._collections_used), regex=self.tensor_regex, values=True
         )
@@ -755,6 +737,15 @@ class _ActivityRule(Rule):
         if act.ndim >= 2:
             return act.reshape(act.shape[0], -1).sum(axis=0), int(act.shape[0])
         return act.reshape(-1).astype(np.int64), 1
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips the steps where no inspected tensor has stored values."""
+        view = block.view(start)
+        idx = _first_rank_rows(view.batch(), self._sel.index(view))
+        if not len(idx):
+            return len(block)
+        ok = block.has_value[start:, idx] & (block.numel[start:, idx] > 0)
+        return _first_hit(start, ok, len(block))
 
     def _scan(self, step: StepView) -> tuple[dict, Any]:
         b = step.batch()
@@ -967,15 +958,26 @@ class WeightUpdateRatio(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.num_steps = _integer(n, "num_steps", num_steps, minimum=1, optional=True)
-        self.large_threshold = _number(n, "large_threshold", large_threshold, minimum=0.0)
-        self.small_threshold = _number(n, "small_threshold", small_threshold, minimum=0.0)
-        self.epsilon = _number(n, "epsilon", epsilon, minimum=0.0)
+        self.num_steps = _number(n, "num_steps", num_steps, integer=True, lo=1, optional=True)
+        self.large_threshold = _number(n, "large_threshold", large_threshold, lo=0.0)
+        self.small_threshold = _number(n, "small_threshold", small_threshold, lo=0.0)
+        self.epsilon = _number(n, "epsilon", epsilon, lo=0.0)
         if self.small_threshold >= self.large_threshold:
             raise _bad(n, "small_threshold", "must be below large_threshold", small_threshold)
         self._sel = _Select(("weights",), fallback=_WEIGHT_RE)
         self._prev: dict[str, tuple[int, np.ndarray]] = {}
         self._edge = _Edge()
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips other modes and the steps where no inspected weight has stored values."""
+        if block.mode not in (Mode.TRAIN, Mode.GLOBAL):
+            return len(block)
+        view = block.view(start)
+        idx = _first_rank_rows(view.batch(), self._sel.index(view))
+        if not len(idx):
+            return len(block)
+        ok = block.has_value[start:, idx] & (block.numel[start:, idx] > 0)
+        return _first_hit(start, ok, len(block))
 
     def evaluate(self, step: StepView) -> Optional[Finding]:
         """Compares each weight saved at ``step`` with its previous saved value."""
@@ -1052,7 +1054,7 @@ class TensorVariance(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex, optional=True)
         self.collections = list(_collections(n, "collections", collections))
         self.max_threshold = _number(n, "max_threshold", max_threshold, optional=True)
         self.min_threshold = _number(n, "min_threshold", min_threshold, optional=True)
@@ -1135,7 +1137,7 @@ class AllZero(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex, optional=True)
         self.collections = list(_collections(n, "collections", collections))
         if not self.collections and not self.tensor_regex:
             raise InvalidArgumentError(f"{n}: give tensor_regex or collections (one is required)")
@@ -1206,13 +1208,13 @@ class UnchangedTensor(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex, optional=True)
         self.collections = list(_collections(n, "collections", collections))
         if not self.collections and not self.tensor_regex:
             raise InvalidArgumentError(f"{n}: give tensor_regex or collections (one is required)")
-        self.num_steps = _integer(n, "num_steps", num_steps, minimum=2)
-        self.rtol = _number(n, "rtol", rtol, minimum=0.0)
-        self.atol = _number(n, "atol", atol, minimum=0.0)
+        self.num_steps = _number(n, "num_steps", num_steps, integer=True, lo=2)
+        self.rtol = _number(n, "rtol", rtol, lo=0.0)
+        self.atol = _number(n, "atol", atol, lo=0.0)
         self.equal_nan = bool(equal_nan)
         self.needs = Needs(collections=self.collections, regex=self.tensor_regex, values=True)
         self._sel = _Select(self.collections, self.tensor_regex)
@@ -1337,10 +1339,10 @@ class LossNotDecreasing(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.significance = _number(n, "significance", significance, minimum=0.0)
-        self.patience = _integer(n, "patience", patience, minimum=1)
+        self.significance = _number(n, "significance", significance, lo=0.0)
+        self.patience = _number(n, "patience", patience, integer=True, lo=1)
         self.use_losses_collection = bool(use_losses_collection)
-        self.num_steps = _integer(n, "num_steps", num_steps, minimum=1)
+        self.num_steps = _number(n, "num_steps", num_steps, integer=True, lo=1)
         self.diff_percent = _number(n, "diff_percent", diff_percent)
         if mode is not None:
             try:
@@ -1348,7 +1350,7 @@ class LossNotDecreasing(Rule):
             except InvalidArgumentError:
                 raise _bad(n, "mode", "must be train, eval, global or None", mode) from None
         self.mode = mode
-        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex, optional=True)
         if self.tensor_regex or not self.use_losses_collection:
             self.needs = Needs(
                 collections=["losses"] if self.use_losses_collection else [],
@@ -1358,6 +1360,106 @@ class LossNotDecreasing(Rule):
         self._modes_seen: set = set()
         self._state: dict[tuple, list] = {}
         self._edge = _Edge()
+        self._ff: Optional[tuple] = None  # fast_forward's loss columns of the current block
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Keeps the windows and checkpoints up to the first comparison that fires."""
+        if self.mode is not None and block.mode != self.mode:
+            return len(block)
+        cached = self._ff
+        if cached is None or cached[0]() is not block:
+            idx = self._sel.index(block.view(0))
+            names = [block.names[i] for i in idx.tolist()]
+            vals = ok = None
+            if len(idx) and len(set(names)) == len(names):
+                fin = block.finite()[:, idx]
+                vals = np.where(
+                    block.nan[:, idx] > 0,
+                    np.nan,
+                    np.where(
+                        fin > 0,
+                        block.mean[:, idx],
+                        np.where(block.posinf[:, idx] >= block.neginf[:, idx], np.inf, -np.inf),
+                    ),
+                )
+                ok = np.isfinite(vals)
+            # A weak reference: the block's columns are not kept alive after the poll.
+            cached = self._ff = (weakref.ref(block), idx, names, vals, ok)
+        _, idx, names, vals, ok = cached
+        if not len(idx):
+            return len(block)  # no loss: evaluate() returns at once
+        if vals is None:
+            return start  # one loss on several ranks: evaluate() averages them
+        if self.mode is None:
+            self._modes_seen.add(block.mode)  # as evaluate() does at every such step
+            use = next(
+                (m for m in (Mode.EVAL, Mode.TRAIN, Mode.GLOBAL) if m in self._modes_seen), None
+            )
+            if block.mode != use:
+                return len(block)
+        ms = block.mode_steps
+        n = len(block)
+        keys = [(block.mode, name) for name in names]
+        finite_rows = [np.flatnonzero(ok[:, j]) for j in range(len(names))]
+        pos = start
+        while pos < n:
+            # The next row at which some loss is compared, with each loss's checkpoint as it
+            # will be then (a loss seen for the first time gets its checkpoint on the way).
+            due_at = n
+            for j, key in enumerate(keys):
+                rows = finite_rows[j]
+                rows = rows[np.searchsorted(rows, pos) :]
+                st = self._state.get(key)
+                if st is None:
+                    if not len(rows):
+                        continue
+                    ckpt, rows = int(ms[rows[0]]), rows[1:]
+                else:
+                    ckpt = st[0]
+                due = rows[ms[rows] >= ckpt + self.num_steps]
+                if len(due):
+                    due_at = min(due_at, int(due[0]))
+            # Rows before it only fill the windows.
+            for j, key in enumerate(keys):
+                rows = finite_rows[j]
+                rows = rows[np.searchsorted(rows, pos) : np.searchsorted(rows, due_at)]
+                if not len(rows):
+                    continue
+                st = self._state.get(key)
+                if st is None:
+                    st = self._state[key] = [int(ms[rows[0]]), [float(vals[rows[0], j])], [], 0]
+                    rows = rows[1:]
+                st[2].extend(vals[rows, j].tolist())
+            if due_at >= n:
+                return n
+            # At the comparison row: let evaluate() take it if any loss would fire there.
+            updates = []
+            for j, key in enumerate(keys):
+                if not ok[due_at, j]:
+                    continue
+                st = self._state.get(key)
+                v = float(vals[due_at, j])
+                if st is None or int(ms[due_at]) < st[0] + self.num_steps:
+                    updates.append((key, v, None))
+                    continue
+                flag, _ = _not_decreasing(st[1], st[2] + [v], self.diff_percent, self.significance)
+                count = st[3] + 1 if flag else 0
+                if flag and count >= self.patience:
+                    return due_at
+                updates.append((key, v, count))
+            for key, v, count in updates:
+                st = self._state.get(key)
+                if st is None:
+                    self._state[key] = [int(ms[due_at]), [v], [], 0]
+                    continue
+                st[2].append(v)
+                if count is None:
+                    continue
+                self._state[key] = [int(ms[due_at]), st[2], [], count]
+                if not count:
+                    self._edge.active.discard(key)  # observed and not holding: it clears
+            pos = due_at + 1
+        return n
 
     def evaluate(self, step: StepView) -> Optional[Finding]:
         """Updates the checkpoints of the losses saved at ``step`` and compares."""
@@ -1448,8 +1550,8 @@ class Overfit(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.start_step = _integer(n, "start_step", start_step, minimum=0)
-        self.patience = _integer(n, "patience", patience, minimum=1)
+        self.start_step = _number(n, "start_step", start_step, integer=True, lo=0)
+        self.patience = _number(n, "patience", patience, integer=True, lo=1)
         self.ratio_threshold = _number(n, "ratio_threshold", ratio_threshold)
         self._sel = _loss_select()
         self._train: list[float] = []
@@ -1525,11 +1627,11 @@ class Overtraining(Rule):
     ) -> None:
         super().__init__()
         n = self.name
-        self.patience_train = _integer(n, "patience_train", patience_train, minimum=1)
-        self.patience_validation = _integer(
-            n, "patience_validation", patience_validation, minimum=1
+        self.patience_train = _number(n, "patience_train", patience_train, integer=True, lo=1)
+        self.patience_validation = _number(
+            n, "patience_validation", patience_validation, integer=True, lo=1
         )
-        self.delta = _number(n, "delta", delta, minimum=0.0)
+        self.delta = _number(n, "delta", delta, lo=0.0)
         self._sel = _loss_select()
         self._best: dict[str, float] = {}
         self._since: dict[str, int] = {"training": 0, "validation": 0}
@@ -1599,7 +1701,7 @@ class StalledTraining(Rule):
 
     def __init__(self, threshold: float = 1800, stop_training_on_fire: bool = False) -> None:
         super().__init__()
-        self.threshold = _number(self.name, "threshold", threshold, positive=True)
+        self.threshold = _number(self.name, "threshold", threshold, lo=0, lo_open=True)
         self.stop_training_on_fire = bool(stop_training_on_fire)
         self._times: dict[int, float] = {}
         self._times_upto = -1
@@ -1731,10 +1833,10 @@ class SimilarAcrossRuns(Rule):
             except NotFoundError as e:
                 raise InvalidArgumentError(f"{n}: parameter other: {e}") from None
         self.other = other
-        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex)
+        self.tensor_regex = _regex(n, "tensor_regex", tensor_regex, optional=True)
         self.collections = list(_collections(n, "collections", collections))
-        self.rtol = _number(n, "rtol", rtol, minimum=0.0)
-        self.atol = _number(n, "atol", atol, minimum=0.0)
+        self.rtol = _number(n, "rtol", rtol, lo=0.0)
+        self.atol = _number(n, "atol", atol, lo=0.0)
         if self.collections or self.tensor_regex:
             self.needs = Needs(collections=self.collections, regex=self.tensor_regex, values=True)
         self._sel = _Select(self.collections, self.tensor_regex, everything=True)

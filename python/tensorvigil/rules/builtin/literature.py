@@ -17,7 +17,6 @@ first and last layer.
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from collections import deque
 from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
@@ -25,7 +24,9 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Sequence
 import numpy as np
 
 from ...errors import InvalidArgumentError
-from ..base import Finding, Needs, Rule, StatsBatch, StepView
+from ..base import Finding, Needs, Rule, StatsBatch, StepBlock, StepView
+from ._params import number as _number
+from ._params import regex as _regex
 
 __all__ = [
     "GradientNormRatio",
@@ -42,47 +43,7 @@ __all__ = [
 MAX_LISTED = 10
 
 
-# -- shared helpers (also used by data.py) ------------------------------------------------------
-
-
-def _number(
-    rule: str,
-    name: str,
-    value: Any,
-    *,
-    lo: Optional[float] = None,
-    lo_open: bool = False,
-    hi: Optional[float] = None,
-    hi_open: bool = False,
-    integer: bool = False,
-) -> Any:
-    """Validates a numeric parameter; raises InvalidArgumentError naming it."""
-    ok_type = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        kind = "an integer" if integer else "a number"
-        raise InvalidArgumentError(f"{rule}: {name} must be {kind}, got {value!r}")
-    if not integer and not math.isfinite(float(value)):
-        raise InvalidArgumentError(f"{rule}: {name} must be finite, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        op = ">" if lo_open else ">="
-        raise InvalidArgumentError(f"{rule}: {name} must be {op} {lo}, got {value!r}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        op = "<" if hi_open else "<="
-        raise InvalidArgumentError(f"{rule}: {name} must be {op} {hi}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _regex(rule: str, name: str, value: Any) -> str:
-    """Validates a regular-expression parameter; raises InvalidArgumentError naming it."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgumentError(f"{rule}: {name} must be a non-empty string, got {value!r}")
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise InvalidArgumentError(
-            f"{rule}: {name} is not a valid regex ({e}): {value!r}"
-        ) from None
-    return value
+# -- shared helpers (also used by data.py and health.py) ------------------------------------
 
 
 class _Edge:
@@ -231,14 +192,41 @@ class GradientNormRatio(Rule):
         self._cache = _RowCache()
         self._edge = _Edge()
 
-    def evaluate(self, step: StepView) -> Optional[list]:
-        """Checks one step; returns the conditions that started to hold."""
+    def _rows(self, step: StepView) -> np.ndarray:
         b = step.batch()
         grads, weights = _members(step, "gradients"), _members(step, "weights")
         key = (tuple(b.names), _set_key(grads), _set_key(weights))
-        rows = self._cache.get(
+        return self._cache.get(
             key, lambda: _weight_grad_rows(b.names, grads, weights), (grads, weights)
         )
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips the steps where the ratio is within bounds (one rank)."""
+        if self._edge.active:
+            return start
+        rows = self._rows(block.view(start))
+        if len(rows) < 2:
+            return len(block)
+        ranks = block.rank[rows]
+        if not (ranks == ranks[0]).all():
+            return start
+        first, last = int(rows[0]), int(rows[-1])
+        n1, nl = block.l2[start:, first], block.l2[start:, last]
+        nonfinite = block.nonfinite()
+        skip = (nonfinite[start:, first] + nonfinite[start:, last] > 0) | ~(nl > 0)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            skip |= ~(np.isfinite(n1) & np.isfinite(nl))
+            ratio = n1 / np.where(skip, 1.0, nl)
+            cond = ((ratio < self.vanish_ratio) & (n1 < self.vanish_first)) | (
+                ratio > self.explode_ratio
+            )
+        hits = np.flatnonzero(cond & ~skip)
+        return start + int(hits[0]) if len(hits) else len(block)
+
+    def evaluate(self, step: StepView) -> Optional[list]:
+        """Checks one step; returns the conditions that started to hold."""
+        b = step.batch()
+        rows = self._rows(step)
         if len(rows) < 2:
             return None
         ranks = b.rank[rows]
@@ -401,6 +389,36 @@ class LossSpike(Rule):
         self._cache = _RowCache()
         self._edge = _Edge()
         self._max: dict = {}
+
+    def fast_forward(self, block: StepBlock, start: int) -> int:
+        """Skips the steps where no loss is non-finite, large or a spike (tracking the max)."""
+        if self._edge.active:
+            return start
+        view = block.view(start)
+        rows = _loss_rows(self, view, view.batch())
+        if not len(rows):
+            return len(block)
+        mode = str(block.mode)
+        ranks = block.rank[rows].tolist()
+        keys = [(block.names[i], r, mode) for i, r in zip(rows.tolist(), ranks)]
+        if len(set(keys)) != len(keys):
+            return start
+        vals = block.mean[start:, rows]
+        nonfinite = (block.nonfinite()[start:, rows] > 0) | ~np.isfinite(vals)
+        big = ~nonfinite & (vals >= self.absolute)
+        prev0 = np.array([self._max.get(k, -np.inf) for k in keys], dtype=np.float64)
+        cm = np.maximum.accumulate(np.where(nonfinite, -np.inf, vals), axis=0)
+        prev = np.maximum(np.vstack([prev0[None, :], cm[:-1]]), prev0)  # largest before each
+        with np.errstate(over="ignore", invalid="ignore"):
+            jump = ~nonfinite & ~big & (prev > 0) & (vals > self.factor * prev)
+        hits = np.flatnonzero((nonfinite | big | jump).any(axis=1))
+        t = int(hits[0]) if len(hits) else len(vals)
+        if t:
+            upto = np.maximum(cm[t - 1], prev0)
+            for k, v in zip(keys, upto.tolist()):
+                if v != -np.inf:
+                    self._max[k] = v
+        return start + t
 
     def evaluate(self, step: StepView) -> Optional[list]:
         """Checks one step; returns the conditions that started to hold."""
