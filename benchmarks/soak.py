@@ -45,7 +45,8 @@ READER = textwrap.dedent(
     while True:
         run.refresh()
         steps = run.steps()
-        assert steps == list(range(len(steps))), "steps must form a prefix"
+        every = int(sys.argv[2])
+        assert steps == list(range(0, every * len(steps), every)), "steps must form a prefix"
         assert len(steps) >= seen
         seen = len(steps)
         if steps:
@@ -135,7 +136,9 @@ def main(argv=None) -> int:
                         stderr=subprocess.DEVNULL,
                     )
                     reader = subprocess.Popen(
-                        [sys.executable, "-c", READER, run_dir], stdout=subprocess.PIPE, text=True
+                        [sys.executable, "-c", READER, run_dir, str(args.save_every)],
+                        stdout=subprocess.PIPE,
+                        text=True,
                     )
                     os.set_blocking(reader.stdout.fileno(), False)
                 now = time.monotonic()
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
                         "t_min": round((now - (t_end - args.minutes * 60)) / 60, 2),
                         "steps": step,
                         "steps_per_s": round(sps, 2),
-                        "MB_per_s": round(sps * 2 * nparams * 4 / 1e6, 1),
+                        "MB_per_s": round(sps / args.save_every * 2 * nparams * 4 / 1e6, 1),
                         "trainer_rss_MiB": round(_rss(os.getpid()) / 2**20, 1),
                         "reader_rss_MiB": round(_rss(reader.pid) / 2**20, 1) if reader else 0,
                         "watcher_rss_MiB": round(_rss(watcher.pid) / 2**20, 1) if watcher else 0,
@@ -169,11 +172,12 @@ def main(argv=None) -> int:
             lines = out.splitlines()
             if lines:
                 reader_state = json.loads(lines[-1])
-            ok &= reader.returncode == 0 and reader_state["steps"] == step
+            saved = len(range(0, step, args.save_every))
+            ok &= reader.returncode == 0 and reader_state["steps"] == saved
         rep = fsck(run_dir, verify_values=False)
         ok &= rep.clean
         run = tv.open(run_dir)
-        ok &= run.steps() == list(range(step))
+        ok &= run.steps() == list(range(0, step, args.save_every))
         summary = {
             "minutes": args.minutes,
             "steps": step,
