@@ -383,11 +383,7 @@ class CapturePlan:
         m = self._members.get((name, kind, tags, module))
         if m is None:
             key = _TensorKey(name, kind, tags)
-            m = tuple(
-                i
-                for i, c in enumerate(self.colls)
-                if _selects(c, key, module)
-            )
+            m = tuple(i for i, c in enumerate(self.colls) if _selects(c, key, module))
             self._members[(name, kind, tags, module)] = m
         return m
 
@@ -482,6 +478,78 @@ def _detect_rank() -> int:
         if v is not None and v.strip().isdigit():
             return int(v)
     return 0
+
+
+class SessionHook:
+    """The verbs every framework hook shares; each delegates to the hook's ``_session``.
+
+    Framework hooks subclass it, set ``self._session`` (a :class:`CaptureSession`) and override
+    :meth:`_detach` (remove framework hooks and wrappers) and :meth:`_before_close` (capture
+    what the last step still owes) where they need to.
+    """
+
+    _session: CaptureSession
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
+        return self._session.should_stop
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stops training at the next step boundary (raising :class:`TrainingStopped`)."""
+        self._session.request_stop(reason)
+
+    @property
+    def findings(self) -> list:
+        """Findings raised so far by the hook's in-process rules."""
+        return self._session.findings
+
+    @property
+    def disabled(self) -> bool:
+        """True after a hook error turned capture off (non-strict mode)."""
+        return self._session.disabled
+
+    @property
+    def out_dir(self) -> str:
+        """Where the run is written: the directory, or the object-store URL."""
+        s = self._session
+        return s.out_dir if s.target is None else str(s.target)
+
+    def flush(self) -> None:
+        """Waits until everything captured so far is written."""
+        self._session.flush()
+
+    def _detach(self) -> None:
+        """Removes the framework's hooks and wrappers (none by default)."""
+
+    def _before_close(self) -> None:
+        """Captures what the last step still owes before the session closes (nothing)."""
+
+    def close(self) -> None:
+        """Commits the current step, flushes, seals the stream and removes the hooks.
+
+        Idempotent; also called at interpreter exit and by ``with hook:``. Errors are logged
+        (raised with ``strict``).
+        """
+        self._detach()
+        try:
+            self._before_close()
+            self._session.close()
+        except Exception as e:  # noqa: BLE001 - never kill training unless strict
+            if self._session.strict:
+                raise
+            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        s = self._session
+        colls = [c.name for c in s.plan.colls]
+        return f"{type(self).__name__}({self.out_dir!r}, step={s.step}, collections={colls})"
 
 
 class CaptureSession:

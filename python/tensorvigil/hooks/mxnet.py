@@ -68,7 +68,15 @@ except (ImportError, AttributeError) as e:  # AttributeError: NumPy >= 1.24 (np.
 
 from ..errors import InvalidArgumentError, TrainingStopped
 from ..modes import Mode, ModeLike, to_mode
-from .base import CapturePlan, CaptureSession, Collection, SaveConfig, _detect_rank, guarded
+from .base import (
+    CapturePlan,
+    CaptureSession,
+    Collection,
+    SaveConfig,
+    SessionHook,
+    _detect_rank,
+    guarded,
+)
 
 logger = logging.getLogger("tensorvigil")
 
@@ -164,7 +172,7 @@ def _grad(p: Any) -> Any:
         return None
 
 
-class Hook:
+class Hook(SessionHook):
     """Captures an MXNet Gluon model's tensors into a tensorvigil run while it trains.
 
     The options are those of :class:`tensorvigil.torch.Hook`.
@@ -604,64 +612,18 @@ class Hook:
         if s.saving:
             s.save(name, "custom", _value(value))
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
-        return self._session.should_stop
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Stops training at the next step boundary (raising :class:`TrainingStopped`)."""
-        self._session.request_stop(reason)
-
-    @property
-    def findings(self) -> list:
-        """Findings raised so far by the hook's in-process rules."""
-        return self._session.findings
-
-    @property
-    def disabled(self) -> bool:
-        """True after a hook error turned capture off (non-strict mode)."""
-        return self._session.disabled
-
-    @property
-    def out_dir(self) -> str:
-        """The run directory."""
-        return self._session.out_dir
-
-    def flush(self) -> None:
-        """Waits until everything captured so far is written."""
-        self._session.flush()
-
-    def close(self) -> None:
-        """Commits the current step, flushes, seals the stream, removes hooks and wrappers.
-
-        Idempotent; also called at interpreter exit and by ``with hook:``.
-        """
+    def _detach(self) -> None:
         for h in self._handles:
             h.detach()
         self._handles.clear()
         for restore in self._restore:
             restore()
         self._restore.clear()
-        try:
-            if not self._session.disabled and not self._session.closed:
-                self._grads_at_step_end_guarded()
-            self._session.close()
-        except Exception as e:  # noqa: BLE001 - never kill training unless strict
-            if self._session.strict:
-                raise
-            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
+
+    def _before_close(self) -> None:
+        if not self._session.disabled and not self._session.closed:
+            self._grads_at_step_end_guarded()
 
     @guarded
     def _grads_at_step_end_guarded(self) -> None:
         self._grads_at_step_end()
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self._session
-        return f"Hook({s.out_dir!r}, step={s.step}, collections={[c.name for c in s.plan.colls]})"

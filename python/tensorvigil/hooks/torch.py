@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, TrainingStopped
 from ..modes import Mode, ModeLike, to_mode
-from .base import CapturePlan, CaptureSession, Collection, SaveConfig, guarded
+from .base import CapturePlan, CaptureSession, Collection, SaveConfig, SessionHook, guarded
 
 logger = logging.getLogger("tensorvigil")
 
@@ -93,7 +93,7 @@ def _flatten(value: Any, out: list) -> None:
         out.append(value.data)  # e.g. PackedSequence
 
 
-class Hook:
+class Hook(SessionHook):
     """Captures a PyTorch model's tensors into a tensorvigil run while it trains.
 
     Args:
@@ -488,58 +488,10 @@ class Hook:
         if s.saving:
             s.save(name, "custom", value)
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
-        return self._session.should_stop
-
-    def request_stop(self, reason: str = "stop requested") -> None:
-        """Stops training at the next step boundary (raising :class:`TrainingStopped`)."""
-        self._session.request_stop(reason)
-
-    @property
-    def findings(self) -> list:
-        """Findings raised so far by the hook's in-process rules."""
-        return self._session.findings
-
-    @property
-    def disabled(self) -> bool:
-        """True after a hook error turned capture off (non-strict mode)."""
-        return self._session.disabled
-
-    @property
-    def out_dir(self) -> str:
-        """The run directory."""
-        return self._session.out_dir
-
-    def flush(self) -> None:
-        """Waits until everything captured so far is written."""
-        self._session.flush()
-
-    def close(self) -> None:
-        """Commits the current step, flushes, seals the stream and removes the hooks.
-
-        Idempotent; also called at interpreter exit and by ``with hook:``.
-        """
+    def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        try:
-            self._session.close()
-        except Exception as e:  # noqa: BLE001 - never kill training unless strict
-            if self._session.strict:
-                raise
-            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self._session
-        return f"Hook({s.out_dir!r}, step={s.step}, collections={[c.name for c in s.plan.colls]})"
 
 
 def _scalar(value: Any) -> Any:

@@ -52,7 +52,15 @@ from ..errors import (
     UnsupportedError,
 )
 from ..modes import Mode
-from .base import CapturePlan, CaptureSession, Collection, SaveConfig, _detect_rank, guarded
+from .base import (
+    CapturePlan,
+    CaptureSession,
+    Collection,
+    SaveConfig,
+    SessionHook,
+    _detect_rank,
+    guarded,
+)
 
 logger = logging.getLogger("tensorvigil")
 
@@ -204,7 +212,7 @@ def _as_dmatrix(name: str, d: Any) -> Any:
     )
 
 
-class Hook(TrainingCallback):
+class Hook(TrainingCallback, SessionHook):
     """Captures an XGBoost training into a tensorvigil run (a ``TrainingCallback``).
 
     Pass it to ``xgb.train(..., callbacks=[hook])`` or to a scikit-learn estimator
@@ -498,52 +506,9 @@ class Hook(TrainingCallback):
         """Step being captured (-1 before the first iteration)."""
         return self._session.step
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
-        return self._session.should_stop
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ends boosting after the current iteration."""
         self._session.request_stop(reason)
-
-    @property
-    def findings(self) -> list:
-        """Findings raised so far by the hook's in-process rules."""
-        return self._session.findings
-
-    @property
-    def disabled(self) -> bool:
-        """True after a hook error turned capture off (non-strict mode)."""
-        return self._session.disabled
-
-    @property
-    def out_dir(self) -> str:
-        """The run directory."""
-        return self._session.out_dir
-
-    def flush(self) -> None:
-        """Waits until everything captured so far is written."""
-        self._session.flush()
-
-    def close(self) -> None:
-        """Commits the last step, seals the stream and runs the final rule pass. Idempotent."""
-        try:
-            self._session.close()
-        except Exception as e:  # noqa: BLE001 - never kill training unless strict
-            if self._session.strict:
-                raise
-            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self._session
-        return f"Hook({s.out_dir!r}, step={s.step}, collections={[c.name for c in s.plan.colls]})"
 
 
 def _collections(
