@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..modes import Mode
 from ..store.reader import _compile
-from .base import Finding, Rule, StepBlock, StepView
+from .base import STAT_COLUMNS, Finding, Rule, StepBlock, StepView
 
 logger = logging.getLogger("tensorvigil")
 
@@ -473,19 +473,7 @@ _COLUMNS = (
     "mode",
     "mode_step",
     "has_value",
-    "numel",
-    "nan",
-    "posinf",
-    "neginf",
-    "zeros",
-    "min",
-    "max",
-    "mean",
-    "var",
-    "std",
-    "l1",
-    "l2",
-    "abs_max",
+    *STAT_COLUMNS,
     "wall_time",
 )
 _COLUMN_SET = frozenset(_COLUMNS)
