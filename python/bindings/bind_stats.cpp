@@ -90,6 +90,109 @@ std::string repr(const TensorStats& s) {
   return r + ")";
 }
 
+uint64_t count_arg(int64_t v, const char* what) {
+  if (v < 0)
+    throw_error(ErrorCode::kInvalidArgument,
+                std::string("[Stats.from_parts] ") + what + " must be >= 0, got " +
+                    std::to_string(v));
+  return static_cast<uint64_t>(v);
+}
+
+std::vector<uint64_t> counts_arg(const py::object& obj, const char* what) {
+  std::vector<uint64_t> out;
+  if (obj.is_none()) return out;
+  auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  if (!a || a.ndim() != 1)
+    throw_error(ErrorCode::kInvalidArgument,
+                std::string("[Stats.from_parts] ") + what + " must be a 1-d sequence of counts");
+  out.reserve(static_cast<std::size_t>(a.size()));
+  for (py::ssize_t i = 0; i < a.size(); ++i) out.push_back(count_arg(a.at(i), what));
+  return out;
+}
+
+uint64_t total(const std::vector<uint64_t>& v) {
+  uint64_t t = 0;
+  for (uint64_t c : v) t += c;
+  return t;
+}
+
+// A record from parts computed elsewhere (e.g. on an accelerator), checked for consistency so
+// the store never holds statistics that could not describe any tensor.
+TensorStats stats_from_parts(int64_t numel, int64_t nan, int64_t posinf, int64_t neginf,
+                             int64_t zeros, double min, double max, double mean, double m2,
+                             double abs_sum, double abs_max, const py::object& hist,
+                             const py::object& hist_lo, const py::object& hist_hi,
+                             int64_t hist_below, int64_t hist_above, const py::object& exp_hist) {
+  auto fail = [](const std::string& msg) {
+    throw_error(ErrorCode::kInvalidArgument, "[Stats.from_parts] " + msg);
+  };
+  TensorStats s;
+  s.numel = count_arg(numel, "numel");
+  s.nan = count_arg(nan, "nan");
+  s.posinf = count_arg(posinf, "posinf");
+  s.neginf = count_arg(neginf, "neginf");
+  s.zeros = count_arg(zeros, "zeros");
+  if (s.nan > s.numel || s.posinf > s.numel - s.nan || s.neginf > s.numel - s.nan - s.posinf)
+    fail("nan + posinf + neginf (" + std::to_string(s.nan) + " + " + std::to_string(s.posinf) +
+         " + " + std::to_string(s.neginf) + ") exceeds numel " + std::to_string(s.numel));
+  const uint64_t fin = s.finite();
+  if (s.zeros > fin)
+    fail("zeros (" + std::to_string(s.zeros) + ") exceeds the finite elements (" +
+         std::to_string(fin) + ")");
+  if (fin > 0) {
+    if (!std::isfinite(min) || !std::isfinite(max) || !(min <= max))
+      fail("min and max must be finite with min <= max when there are finite elements, got " +
+           std::to_string(min) + ", " + std::to_string(max));
+    if (!std::isfinite(mean)) fail("mean must be finite when there are finite elements");
+    if (!std::isfinite(m2) || m2 < 0) fail("m2 must be finite and >= 0");
+    if (!std::isfinite(abs_sum) || abs_sum < 0) fail("abs_sum must be finite and >= 0");
+    if (!std::isfinite(abs_max) || abs_max < 0) fail("abs_max must be finite and >= 0");
+  } else {
+    if (!std::isnan(min) || !std::isnan(max))
+      fail("min and max must be NaN when there is no finite element");
+    if (mean != 0 || m2 != 0 || abs_sum != 0 || abs_max != 0)
+      fail("mean, m2, abs_sum and abs_max must be 0 when there is no finite element");
+  }
+  s.min = min;
+  s.max = max;
+  s.mean = mean;
+  s.m2 = m2;
+  s.abs_sum = abs_sum;
+  s.abs_max = abs_max;
+  s.hist = counts_arg(hist, "hist");
+  s.hist_below = count_arg(hist_below, "hist_below");
+  s.hist_above = count_arg(hist_above, "hist_above");
+  if (!s.hist.empty()) {
+    if (s.hist.size() > static_cast<std::size_t>(kMaxHistBins))
+      fail("hist has " + std::to_string(s.hist.size()) + " bins; at most " +
+           std::to_string(kMaxHistBins));
+    if (hist_lo.is_none() || hist_hi.is_none()) fail("hist needs hist_lo and hist_hi");
+    s.hist_lo = hist_lo.cast<double>();
+    s.hist_hi = hist_hi.cast<double>();
+    if (!(std::isfinite(s.hist_lo) && std::isfinite(s.hist_hi) && s.hist_lo < s.hist_hi))
+      fail("the histogram range must be finite with hist_lo < hist_hi, got [" +
+           std::to_string(s.hist_lo) + ", " + std::to_string(s.hist_hi) + "]");
+    if (total(s.hist) + s.hist_below + s.hist_above != fin)
+      fail("hist counts + hist_below + hist_above (" +
+           std::to_string(total(s.hist) + s.hist_below + s.hist_above) +
+           ") must equal the finite elements (" + std::to_string(fin) + ")");
+  } else if (!hist.is_none()) {
+    fail("hist must have at least one bin (pass None for no histogram)");
+  } else if (!hist_lo.is_none() || !hist_hi.is_none() || s.hist_below || s.hist_above) {
+    fail("hist_lo, hist_hi, hist_below and hist_above need a hist");
+  }
+  s.exp_hist = counts_arg(exp_hist, "exp_hist");
+  if (!exp_hist.is_none()) {
+    if (s.exp_hist.size() != static_cast<std::size_t>(kExpHistBuckets))
+      fail("exp_hist must have " + std::to_string(kExpHistBuckets) + " entries, got " +
+           std::to_string(s.exp_hist.size()));
+    if (total(s.exp_hist) != fin - s.zeros)
+      fail("exp_hist counts (" + std::to_string(total(s.exp_hist)) +
+           ") must equal the finite non-zero elements (" + std::to_string(fin - s.zeros) + ")");
+  }
+  return s;
+}
+
 }  // namespace
 
 void init_stats(py::module_& m) {
@@ -190,6 +293,39 @@ Returns the statistics as a plain dict of Python numbers (and lists for histogra
 Returns:
     dict with numel, nan, posinf, neginf, zeros, min, max, mean, var, std, sum, l1, l2,
     abs_max, finite, and hist/hist_edges/hist_below/hist_above/exp_hist when present.
+)doc")
+      .def_static("from_parts", &stats_from_parts, py::arg("numel"), py::arg("nan"),
+                  py::arg("posinf"), py::arg("neginf"), py::arg("zeros"), py::arg("min"),
+                  py::arg("max"), py::arg("mean"), py::arg("m2"), py::arg("abs_sum"),
+                  py::arg("abs_max"), py::arg("hist") = py::none(),
+                  py::arg("hist_lo") = py::none(), py::arg("hist_hi") = py::none(),
+                  py::arg("hist_below") = 0, py::arg("hist_above") = 0,
+                  py::arg("exp_hist") = py::none(), R"doc(
+A record from statistics computed elsewhere (e.g. on an accelerator), checked for consistency.
+
+Pass it to ``StoreWriter.write(..., stats=...)`` to store it instead of statistics computed
+from the values. The fields mean what the attributes of the same names mean.
+
+Args:
+    numel, nan, posinf, neginf, zeros: Element counts (>= 0; nan + posinf + neginf <= numel,
+        zeros <= the finite elements).
+    min, max, mean, m2, abs_sum, abs_max: Over the finite elements; with none, min and max
+        must be NaN and the others 0.
+    hist: Fixed-bin histogram counts (1 to 4096 bins) or None.
+    hist_lo, hist_hi: The histogram's range (finite, lo < hi); required with ``hist``.
+    hist_below, hist_above: Finite elements outside the range; the histogram counts plus
+        these must equal the finite elements.
+    exp_hist: Exponent histogram (256 counts summing to the finite non-zero elements) or None.
+
+Returns:
+    Stats.
+
+Raises:
+    InvalidArgumentError: A negative or inconsistent count, a non-finite moment with finite
+        elements, or a histogram without a valid range.
+
+Example:
+    >>> s = tv.Stats.from_parts(4, 0, 0, 0, 1, -1.0, 2.0, 0.5, 5.0, 4.0, 2.0)
 )doc")
       .def("__repr__", &repr);
 

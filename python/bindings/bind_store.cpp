@@ -10,6 +10,8 @@
 #include <memory>
 #include <optional>
 #include <shared_mutex>
+#include <string>
+#include <vector>
 
 #include "casters.h"
 #include "tensorvigil/error.h"
@@ -28,6 +30,9 @@ namespace tensorvigil::py_bind {
 using store::Codec;
 using store::Mode;
 using store::RecordInfo;
+// Most raw bytes one payload byte can decode to: a zstd RLE block (3-byte header + 1 byte)
+// stands for at most 128 KiB, so no zstd chunk expands by more than 32768x.
+constexpr uint64_t kMaxDecodeRatio = 32768;
 using store::RunReader;
 using store::StreamWriter;
 using store::WriterOptions;
@@ -53,6 +58,14 @@ StatsOptions stats_options(int hist_bins, std::optional<std::pair<double, double
     o.hist_hi = hist_range->second;
   }
   return o;
+}
+
+void check_stats_numel(const TensorStats& s, int64_t numel, const char* what) {
+  if (s.numel != static_cast<uint64_t>(numel))
+    throw_error(ErrorCode::kInvalidArgument,
+                std::string("[stream_writer.") + what + "] stats describe " +
+                    std::to_string(s.numel) + " elements but the tensor has " +
+                    std::to_string(numel));
 }
 
 /// The Python-facing reader: refresh() (GIL released, it does file I/O) takes the lock
@@ -216,23 +229,60 @@ Args:
           [](StreamWriter& w, const std::string& name, int64_t step, const py::array& arr,
              int mode, std::optional<int64_t> mode_step, bool stats_only, int hist_bins,
              std::optional<std::pair<double, double>> hist_range, bool exp_hist,
-             std::optional<std::string> codec, const std::string& dtype) {
+             std::optional<std::string> codec, const std::string& dtype,
+             std::optional<TensorStats> stats) {
             TensorView v = view_from_array(arr, dtype);
+            if (stats) check_stats_numel(*stats, v.numel(), "write");
             StatsOptions so = stats_options(hist_bins, hist_range, exp_hist);
             std::optional<Codec> c;
             if (codec) c = store::codec_from_name(*codec);
             Mode md = mode_from_int(mode);
             py::gil_scoped_release nogil;
-            w.write_tensor(name, step, md, mode_step.value_or(step), v, stats_only, so, c);
+            w.write_tensor(name, step, md, mode_step.value_or(step), v, stats_only, so, c,
+                           stats ? &*stats : nullptr);
           },
           py::arg("name"), py::arg("step"), py::arg("array"), py::arg("mode") = 0,
           py::arg("mode_step") = py::none(), py::arg("stats_only") = false,
           py::arg("hist_bins") = 0, py::arg("hist_range") = py::none(),
           py::arg("exp_hist") = false, py::arg("codec") = py::none(), py::arg("dtype") = "",
+          py::arg("stats") = py::none(),
           R"doc(Enqueues one C-contiguous array as tensor ``name`` of ``step``.
 
 The array is copied before the call returns (unless ``stats_only``), so the caller may reuse
-it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 view).)doc")
+it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 view).
+``stats`` (a Stats of ``array.size`` elements, e.g. from ``Stats.from_parts``) is stored
+instead of statistics computed here; ``hist_bins``, ``hist_range`` and ``exp_hist`` are then
+ignored.)doc")
+      .def(
+          "write_stats",
+          [](StreamWriter& w, const std::string& name, int64_t step,
+             const std::vector<int64_t>& shape, const std::string& dtype,
+             const TensorStats& stats, int mode, std::optional<int64_t> mode_step) {
+            TensorView v;  // no data: a statistics-only record with given stats reads none
+            v.dtype = dtype_from_name(dtype);
+            v.shape = shape;
+            int64_t numel = 1;
+            for (int64_t d : shape) {
+              if (d < 0)
+                throw_error(ErrorCode::kInvalidArgument,
+                            "[stream_writer.write_stats] negative dimension " + std::to_string(d));
+              if (d != 0 && numel > std::numeric_limits<int64_t>::max() / d)
+                throw_error(ErrorCode::kInvalidArgument,
+                            "[stream_writer.write_stats] the shape has too many elements");
+              numel *= d;
+            }
+            check_stats_numel(stats, numel, "write_stats");
+            Mode md = mode_from_int(mode);
+            py::gil_scoped_release nogil;
+            w.write_tensor(name, step, md, mode_step.value_or(step), v, /*stats_only=*/true, {},
+                           std::nullopt, &stats);
+          },
+          py::arg("name"), py::arg("step"), py::arg("shape"), py::arg("dtype"), py::arg("stats"),
+          py::arg("mode") = 0, py::arg("mode_step") = py::none(),
+          R"doc(Enqueues a statistics-only record of tensor ``name`` of ``step`` from its shape,
+dtype name and statistics computed elsewhere; no values are needed.
+
+Raises InvalidArgumentError when ``stats.numel`` is not the number of elements of ``shape``.)doc")
       .def(
           "commit",
           [](StreamWriter& w, int64_t step, int mode, std::optional<int64_t> mode_step) {
@@ -340,6 +390,18 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
                                                     " of rank " + std::to_string(rank));
             const RunReader& r = *h.reader;
             if (!copy->has_value()) r.read_value(*copy, nullptr, threads);  // NotFound, with why
+            // A forged index may declare any size: bound the allocation by what the payload
+            // can decode to before allocating (FORMAT.md §8, "value size").
+            const uint64_t decodable =
+                copy->codec == store::Codec::kRaw ? copy->payload_len
+                                                  : copy->payload_len * kMaxDecodeRatio;
+            if (copy->raw_nbytes > decodable)
+              throw_error(ErrorCode::kDataLoss,
+                          "[run_reader.read] tensor '" + name + "' at step " +
+                              std::to_string(step) + " declares " +
+                              std::to_string(copy->raw_nbytes) + " bytes, more than its " +
+                              std::to_string(copy->payload_len) +
+                              "-byte payload can hold: the index is corrupt");
             std::vector<py::ssize_t> shape(copy->shape.begin(), copy->shape.end());
             py::array out(numpy_dtype(copy->dtype), shape);
             void* dst = out.mutable_data();

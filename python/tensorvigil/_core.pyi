@@ -74,6 +74,35 @@ class Stats:
     separately. Everything is accumulated in double precision. Records merge exactly with
     :meth:`merge` (Chan's parallel update), across chunks, steps or ranks.
     """
+    @staticmethod
+    def from_parts(numel: typing.SupportsInt | typing.SupportsIndex, nan: typing.SupportsInt | typing.SupportsIndex, posinf: typing.SupportsInt | typing.SupportsIndex, neginf: typing.SupportsInt | typing.SupportsIndex, zeros: typing.SupportsInt | typing.SupportsIndex, min: typing.SupportsFloat | typing.SupportsIndex, max: typing.SupportsFloat | typing.SupportsIndex, mean: typing.SupportsFloat | typing.SupportsIndex, m2: typing.SupportsFloat | typing.SupportsIndex, abs_sum: typing.SupportsFloat | typing.SupportsIndex, abs_max: typing.SupportsFloat | typing.SupportsIndex, hist: typing.Any = None, hist_lo: typing.Any = None, hist_hi: typing.Any = None, hist_below: typing.SupportsInt | typing.SupportsIndex = 0, hist_above: typing.SupportsInt | typing.SupportsIndex = 0, exp_hist: typing.Any = None) -> Stats:
+        """
+        A record from statistics computed elsewhere (e.g. on an accelerator), checked for consistency.
+        
+        Pass it to ``StoreWriter.write(..., stats=...)`` to store it instead of statistics computed
+        from the values. The fields mean what the attributes of the same names mean.
+        
+        Args:
+            numel, nan, posinf, neginf, zeros: Element counts (>= 0; nan + posinf + neginf <= numel,
+                zeros <= the finite elements).
+            min, max, mean, m2, abs_sum, abs_max: Over the finite elements; with none, min and max
+                must be NaN and the others 0.
+            hist: Fixed-bin histogram counts (1 to 4096 bins) or None.
+            hist_lo, hist_hi: The histogram's range (finite, lo < hi); required with ``hist``.
+            hist_below, hist_above: Finite elements outside the range; the histogram counts plus
+                these must equal the finite elements.
+            exp_hist: Exponent histogram (256 counts summing to the finite non-zero elements) or None.
+        
+        Returns:
+            Stats.
+        
+        Raises:
+            InvalidArgumentError: A negative or inconsistent count, a non-finite moment with finite
+                elements, or a histogram without a valid range.
+        
+        Example:
+            >>> s = tv.Stats.from_parts(4, 0, 0, 0, 1, -1.0, 2.0, 0.5, 5.0, 4.0, 2.0)
+        """
     def __init__(self) -> None:
         """
         An empty record (identity for :meth:`merge`).
@@ -248,12 +277,22 @@ class StreamWriter:
         """
         Waits until everything submitted is written (and fsynced when ``sync``).
         """
-    def write(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, array: numpy.ndarray, mode: typing.SupportsInt | typing.SupportsIndex = 0, mode_step: typing.SupportsInt | typing.SupportsIndex | None = None, stats_only: bool = False, hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex] | None = None, exp_hist: bool = False, codec: str | None = None, dtype: str = '') -> None:
+    def write(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, array: numpy.ndarray, mode: typing.SupportsInt | typing.SupportsIndex = 0, mode_step: typing.SupportsInt | typing.SupportsIndex | None = None, stats_only: bool = False, hist_bins: typing.SupportsInt | typing.SupportsIndex = 0, hist_range: tuple[typing.SupportsFloat | typing.SupportsIndex, typing.SupportsFloat | typing.SupportsIndex] | None = None, exp_hist: bool = False, codec: str | None = None, dtype: str = '', stats: Stats | None = None) -> None:
         """
         Enqueues one C-contiguous array as tensor ``name`` of ``step``.
         
         The array is copied before the call returns (unless ``stats_only``), so the caller may reuse
         it. ``dtype`` reinterprets same-sized elements (e.g. "bfloat16" for an int16 view).
+        ``stats`` (a Stats of ``array.size`` elements, e.g. from ``Stats.from_parts``) is stored
+        instead of statistics computed here; ``hist_bins``, ``hist_range`` and ``exp_hist`` are then
+        ignored.
+        """
+    def write_stats(self, name: str, step: typing.SupportsInt | typing.SupportsIndex, shape: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], dtype: str, stats: Stats, mode: typing.SupportsInt | typing.SupportsIndex = 0, mode_step: typing.SupportsInt | typing.SupportsIndex | None = None) -> None:
+        """
+        Enqueues a statistics-only record of tensor ``name`` of ``step`` from its shape,
+        dtype name and statistics computed elsewhere; no values are needed.
+        
+        Raises InvalidArgumentError when ``stats.numel`` is not the number of elements of ``shape``.
         """
     @property
     def closed(self) -> bool:

@@ -261,3 +261,134 @@ def test_errors_inside_jit_and_bad_values(tmp_run, caplog):
     assert "capture disabled" in caplog.text
     lenient.save_step(loss=1.0)  # a no-op now
     lenient.close()
+
+
+# -- statistics computed on the device (forced on the CPU backend) ----------------------------
+
+
+def _step_tree(seed=0):
+    """Leaves that exercise the device statistics: NaN/Inf/zeros, > 4096 elements (blocked
+    sums), a constant, bfloat16, float16, an empty leaf and an integer counter."""
+    rng = np.random.default_rng(seed)
+    big = rng.normal(0.5, 2.0, size=(37, 129)).astype(np.float32)
+    big[0, :3] = [np.nan, np.inf, -np.inf]
+    big[1, :5] = 0.0
+    return {
+        "big": jnp.asarray(big),
+        "bf16": jnp.asarray(rng.normal(size=(64, 33)), jnp.bfloat16),
+        "f16": jnp.asarray(rng.normal(-3.0, 0.1, size=(500,)), jnp.float16),
+        "const": jnp.full((7,), 2.5, jnp.float32),
+        "empty": jnp.zeros((0, 4), jnp.float32),
+        "count": jnp.asarray(3, jnp.int32),
+    }
+
+
+def _assert_stats_close(dev, ref, name):
+    # Counts, min, max and abs_max are exact. The device sums run in float32 (blocked, ~sqrt(n)
+    # partials): for these <= 5k-element tensors the relative error is a few 1e-7; 1e-5
+    # leaves a margin of ~30x. The mean is compared relative to |mean| + std (the scale its
+    # rounding error has). Histogram bins may differ only for an element within a float32
+    # rounding of a bin edge: none of these random values is, so the counts must match.
+    for f in ("numel", "nan", "posinf", "neginf", "zeros", "finite"):
+        assert getattr(dev, f) == getattr(ref, f), (name, f)
+    if ref.finite == 0:
+        assert np.isnan(dev.min) and np.isnan(dev.max) and dev.mean == 0 and dev.l1 == 0
+    else:
+        assert (dev.min, dev.max, dev.abs_max) == (ref.min, ref.max, ref.abs_max), name
+        scale = abs(ref.mean) + ref.std
+        assert abs(dev.mean - ref.mean) <= 1e-5 * scale, name
+        assert dev.var == pytest.approx(ref.var, rel=1e-5, abs=1e-12), name
+        assert dev.l1 == pytest.approx(ref.l1, rel=1e-5), name
+    assert (dev.hist_edges is None) == (ref.hist_edges is None), name
+    if ref.hist is not None:
+        np.testing.assert_array_equal(dev.hist_edges, ref.hist_edges)
+        np.testing.assert_array_equal(dev.hist, ref.hist)
+    np.testing.assert_array_equal(dev.exp_hist, ref.exp_hist)
+
+
+def test_device_stats_match_native_and_skip_transfers(tmp_path, monkeypatch):
+    from jax._src.array import ArrayImpl
+
+    from tensorvigil.hooks import jax as tvjax
+
+    fetched, converted = [], []
+    real_fetch, real_array = tvjax._fetch, ArrayImpl.__array__
+
+    def spy_fetch(arrays):
+        fetched.extend(a.shape for a in arrays)
+        return real_fetch(arrays)
+
+    def spy_array(self, *a, **k):
+        converted.append(self.shape)
+        return real_array(self, *a, **k)
+
+    monkeypatch.setattr(tvjax, "_fetch", spy_fetch)
+    monkeypatch.setattr(ArrayImpl, "__array__", spy_array)
+    colls = [
+        tv.Collection("stats", include=r"^(big|bf16|f16|const|empty|count)$", reductions_only=True),
+        tv.Collection("vals", include=r"/grad$"),
+    ]
+    runs = {}
+    for device in (True, False):
+        out = str(tmp_path / f"dev{device}")
+        hook = tv.jax.Hook(
+            out, collections=colls, save=tv.SaveConfig(every=1), hist_bins=16, exp_hist=True,
+            device_stats=device, strict=True,
+        )
+        fetched.clear()
+        converted.clear()
+        with hook:
+            for step in range(2):
+                tree = _step_tree(step)
+                hook.save_step(tensors=tree, grads={"g": tree["big"][:20] * 2})
+        if device:
+            # Only the integer counter (host path) and the gradient (values kept) were read.
+            assert sorted(fetched) == [(), (), (20, 129), (20, 129)]
+            # The gather of results converts only the small stacked arrays, no leaf.
+            leaf_shapes = {(37, 129), (64, 33), (500,), (7,), (0, 4)}
+            assert converted and not leaf_shapes & set(converted)
+        runs[device] = tv.open(out)
+    dev, ref = runs[True], runs[False]
+    assert dev.tensor_names() == ref.tensor_names() == sorted(
+        ["big", "bf16", "f16", "const", "empty", "count", "g/grad"]
+    )
+    for name in ref.tensor_names():
+        for step in (0, 1):
+            rd, rr = dev.tensor(name).record(step), ref.tensor(name).record(step)
+            assert (rd.dtype, rd.shape, rd.has_value) == (rr.dtype, rr.shape, rr.has_value)
+            _assert_stats_close(rd.stats, rr.stats, name)
+    assert dev.tensor("bf16").record(0).dtype == "bfloat16"
+    assert not dev.tensor("big").record(0).has_value
+    np.testing.assert_array_equal(
+        dev.tensor("g/grad").value(1), ref.tensor("g/grad").value(1)
+    )
+
+
+def test_device_stats_nan_gradient_fires_exploding_tensor(tmp_run):
+    hook = tv.jax.Hook(
+        tmp_run,
+        save=tv.SaveConfig(every=1),
+        reductions_only=True,
+        rules=[tv.rules.get("ExplodingTensor", collections=["gradients"])],
+        on_finding="stop",
+        device_stats=True,
+        strict=True,
+    )
+    grads = {"Dense_0": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    with pytest.raises(tv.TrainingStopped), hook:
+        for step in range(20):
+            if step == 3:
+                grads = {"Dense_0": {"kernel": grads["Dense_0"]["kernel"].at[2, 1].set(jnp.nan),
+                                     "bias": grads["Dense_0"]["bias"]}}
+            hook.save_step(grads=grads)
+    fired = [f for f in hook.findings if f.fired]
+    assert fired and fired[0].rule == "ExplodingTensor" and fired[0].step >= 3
+    st = tv.open(tmp_run).tensor("Dense_0.kernel/grad").stats(3)
+    assert (st.nan, st.finite, st.max) == (1, 31, 1.0)
+
+
+def test_device_stats_option_is_checked(tmp_run):
+    with pytest.raises(tv.InvalidArgumentError, match="device_stats must be 'auto', True or False"):
+        tv.jax.Hook(tmp_run, device_stats="gpu")
+    with pytest.raises(tv.InvalidArgumentError, match="device_stats"):
+        tv.jax.Hook(tmp_run, device_stats=1)

@@ -192,3 +192,32 @@ def test_training_with_a_dead_webhook_keeps_its_speed(tmp_run, silent_server):
     )
     assert webhook.sent == 0
     assert worst < 1.0 and med < base_med * 3 + 0.005, (med, base_med, worst)
+
+
+def test_a_forged_huge_size_is_refused_before_allocating(tmp_path):
+    """An index that declares a 64 TiB tensor over a 16-byte payload: DataCorruptionError, fast,
+    without trying to allocate the declared size."""
+    import struct
+
+    from fuzz_helpers import fix_checksums
+
+    run = tmp_path / "run"
+    with tv.StoreWriter(str(run)) as w:
+        w.write("x", 0, np.arange(4, dtype=np.float32), codec="raw")
+        w.commit(0)
+    (shard,) = (run / "rank-00000").glob("shard-*.tvs")
+    data = bytearray(shard.read_bytes())
+    numel = 1 << 44  # 64 TiB of float32: allocating it would fail
+    for flags in (0, 1, 2, 3):
+        old = b"x" + struct.pack("<qQB", 4, 16, flags) + struct.pack("<Q", 4)
+        new = b"x" + struct.pack("<qQB", numel, 4 * numel, flags) + struct.pack("<Q", numel)
+        data = bytearray(bytes(data).replace(old, new))
+    assert bytes(data) != shard.read_bytes(), "the forged fields were not found"
+    fix_checksums(data)
+    shard.write_bytes(bytes(data))
+    t = tv.open(str(run)).tensor("x")
+    assert t.record(0).shape == (numel,)  # the forged index itself is well formed
+    t0 = time.monotonic()
+    with pytest.raises(tv.DataCorruptionError, match="payload can hold"):
+        t.value(0)
+    assert time.monotonic() - t0 < 1.0

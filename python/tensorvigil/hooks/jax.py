@@ -24,21 +24,34 @@ the components joined by dots: ``{"Dense_0": {"kernel": w}}`` gives ``Dense_0.ke
 - ``loss``: ``loss``, or ``loss/<name>`` for a dict; ``metrics``: ``metric/<name>``;
   ``tensors``: ``<path>`` (``custom``).
 
-Where the statistics are computed: on the CPU backend a JAX array already lives in host
-memory; the hook hands the native core a zero-copy view and the fused single-pass statistics
-read it in place (nothing is copied for a statistics-only record). Arrays on an accelerator are
-first copied to the host, all of a step's leaves at once (``copy_to_host_async`` on every leaf,
-then one gather), because the store writer computes the record itself. A step that is not
-saved costs a few microseconds and never waits for the device.
+Where the statistics are computed (``device_stats``): on the CPU backend a JAX array already
+lives in host memory; the hook hands the native core a zero-copy view and the fused
+single-pass statistics read it in place, exactly (double-precision accumulation). Floating
+point arrays on an accelerator get their statistics on the device: one jitted function over
+all of the step's leaves (counts, finite min/max, two-pass mean and M2, L1, max |x|, and the
+histograms asked for), and only those small results are copied back. A statistics-only record
+then never transfers the tensor; a record with values transfers the values but skips the host
+statistics pass. Integer and bool leaves (step counters) and NumPy values take the host path.
+A step that is not saved costs a few microseconds and never waits for the device.
+
+Accuracy of the device statistics: counts, ``min``, ``max`` and ``abs_max`` are exact. Sums
+are accumulated in float32 (float64 for float64 leaves) as blocked sums (about sqrt(n)
+elements per partial sum), so ``mean``, ``m2`` (two passes: mean first, then squared
+deviations) and ``abs_sum`` carry a relative error of a few float32 ulps times sqrt(n) at
+worst, typically ~1e-7. Histogram bins are assigned in float32: an element within a float32
+rounding of a bin edge may land in the neighbouring bin (numpy semantics otherwise; the range
+is the finite [min, max], widened by 0.5 each side when min == max, as the native statistics).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InvalidArgumentError, TrainingStopped
@@ -157,6 +170,12 @@ class Hook:
         codec: Codec for float tensors (``"shuffle-zstd"``, ``"zstd"``, ``"raw"``).
         max_pending_bytes: Bound on host memory held by saves not yet on disk.
         policy: When that bound is reached: ``"block"`` or ``"skip"`` (keep statistics only).
+        device_stats: Where the statistics of floating-point JAX arrays are computed:
+            ``"auto"`` (default): on the device for arrays on an accelerator, by the native
+            core in place for CPU-backend arrays; ``True``: on the device for every JAX array
+            (on the CPU backend too: XLA's reductions, float32 accumulation); ``False``: always
+            by the native core after copying to the host (exact). See the module docs for the
+            accuracy of device statistics.
         writer_options: Further :class:`tensorvigil.StoreWriter` options.
 
     Example:
@@ -185,8 +204,14 @@ class Hook:
         codec: str = "shuffle-zstd",
         max_pending_bytes: int = 512 << 20,
         policy: str = "block",
+        device_stats: Union[str, bool] = "auto",
         writer_options: Optional[dict] = None,
     ) -> None:
+        if not (isinstance(device_stats, bool) or device_stats == "auto"):
+            raise InvalidArgumentError(
+                f"device_stats must be 'auto', True or False, got {device_stats!r}"
+            )
+        self._device_stats = device_stats
         if save is None:
             save = SaveConfig(every=10)
         elif not isinstance(save, SaveConfig):
@@ -286,7 +311,15 @@ class Hook:
                     entries.append((f"metric/{k}", "metrics", v))
             plan = s.plan
             entries = [e for e in entries if plan.decide(plan.members(e[0], e[1])) is not None]
-            s.save_many(_to_host(entries))
+            _check_values(entries)
+            host = entries
+            if self._device_stats is not False:
+                forced = self._device_stats is True
+                dev = [e for e in entries if _device_eligible(e[2], forced)]
+                if dev:
+                    host = [e for e in entries if not _device_eligible(e[2], forced)]
+                    _save_device(s, dev)
+            s.save_many(_to_host(host))
         finally:
             s.end_step()
 
@@ -414,26 +447,37 @@ class Hook:
         return "opt/" + (".".join(path) if path else "state")
 
 
-def _to_host(entries: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
-    """The entries with every value as a NumPy array (zero-copy for CPU-backend arrays).
-
-    Accelerator arrays start their device-to-host copies together before any is waited on.
-    """
-    remote = []
+def _check_values(entries: list[tuple[str, str, Any]]) -> None:
     for _, _, v in entries:
         if isinstance(v, jax.core.Tracer):
             raise InvalidArgumentError(
                 "save_step() got a traced value: it was called inside jax.jit/grad/vmap. "
                 "Call it in the Python training loop with the arrays the jitted step returns"
             )
-        if isinstance(v, jax.Array) and not _on_cpu(v):
-            remote.append(v)
-    for v in remote:
-        v.copy_to_host_async()
+
+
+def _fetch(arrays: list[Any]) -> list[np.ndarray]:
+    """Host copies of JAX arrays: every device-to-host copy starts before any is waited on.
+
+    CPU-backend arrays are returned as zero-copy views. Every transfer of a saved tensor's
+    values goes through here (tests count them).
+    """
+    for v in arrays:
+        if not _on_cpu(v):
+            v.copy_to_host_async()
+    return [np.asarray(v) for v in arrays]
+
+
+def _to_host(entries: list[tuple[str, str, Any]]) -> list[tuple[str, str, Any]]:
+    """The entries with every value as a NumPy array (zero-copy for CPU-backend arrays).
+
+    Accelerator arrays start their device-to-host copies together before any is waited on.
+    """
+    fetched = iter(_fetch([v for _, _, v in entries if isinstance(v, jax.Array)]))
     out = []
     for name, kind, v in entries:
         if isinstance(v, jax.Array):
-            arr = np.asarray(v)
+            arr = next(fetched)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             arr = np.asarray(v, dtype=np.float64)
         elif isinstance(v, (np.ndarray, np.generic)):
@@ -452,3 +496,166 @@ def _on_cpu(x: Any) -> bool:
         return all(d.platform == "cpu" for d in x.devices())
     except Exception:  # noqa: BLE001 - deleted or exotic arrays: take the generic path
         return False
+
+
+# -- statistics on the device ------------------------------------------------------------------
+
+_SUM_BLOCK_MIN = 4096  # below this many elements one reduction is accurate enough
+
+
+def _device_eligible(v: Any, forced: bool) -> bool:
+    """Whether the statistics of ``v`` are computed on its device."""
+    if not isinstance(v, jax.Array):
+        return False
+    try:
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            return False  # integer/bool leaves (step counters): exact on the host
+    except TypeError:
+        return False
+    return forced or not _on_cpu(v)
+
+
+def _blocked_sum(v: Any) -> Any:
+    """Sum of a 1-d array as about sqrt(n) partial sums of about sqrt(n) elements each.
+
+    The rounding error grows with the longest serial accumulation; this bounds it by
+    ~2 sqrt(n) additions whatever order XLA reduces in.
+    """
+    n = v.shape[0]
+    if n <= _SUM_BLOCK_MIN:
+        return jnp.sum(v)
+    block = 1 << ((n - 1).bit_length() + 1) // 2
+    rows = -(-n // block)
+    v = jnp.pad(v, (0, rows * block - n))
+    return jnp.sum(jnp.sum(v.reshape(rows, block), axis=1))
+
+
+def _leaf_stats(x: Any, bins: int, exp_hist: bool) -> tuple:
+    """Traced statistics of one leaf: (counts[4] int32, floats[6], hist[bins], exp[256])."""
+    acc = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    x = jnp.ravel(x).astype(acc)
+    i32 = jnp.int32
+    fin = jnp.isfinite(x)
+    inf = jnp.array(jnp.inf, acc)
+    nan = jnp.sum(jnp.isnan(x), dtype=i32)
+    posinf = jnp.sum(x == inf, dtype=i32)
+    neginf = jnp.sum(x == -inf, dtype=i32)
+    zeros = jnp.sum(x == 0, dtype=i32)
+    nfin = x.shape[0] - nan - posinf - neginf
+    xf = jnp.where(fin, x, 0)
+    mn = jnp.min(jnp.where(fin, x, inf), initial=inf)
+    mx = jnp.max(jnp.where(fin, x, -inf), initial=-inf)
+    mean = _blocked_sum(xf) / jnp.maximum(nfin, 1).astype(acc)
+    d = jnp.where(fin, x - mean, 0)
+    m2 = _blocked_sum(d * d)
+    ax = jnp.abs(xf)
+    abs_sum = _blocked_sum(ax)
+    abs_max = jnp.max(ax, initial=0)
+    counts = jnp.stack([nan, posinf, neginf, zeros])
+    floats = jnp.stack([mn, mx, mean, m2, abs_sum, abs_max])
+    hist = None
+    if bins:
+        # numpy.histogram over [min, max]; halves keep (x - lo) and (hi - lo) from overflowing.
+        lo2, hi2 = mn * 0.5, mx * 0.5
+        t = (x * 0.5 - lo2) / (hi2 - lo2) * bins
+        idx = jnp.clip(jnp.floor(t), 0, bins - 1).astype(i32)
+        idx = jnp.where(mn == mx, bins // 2, idx)  # the range widened by 0.5 each side
+        idx = jnp.where(fin, idx, bins)
+        hist = jnp.zeros(bins + 1, i32).at[idx].add(1)[:bins]
+    exp = None
+    if exp_hist:
+        # The exponent field: floor(log2|x|) + 127 for normal floats, 0 for subnormals.
+        if acc == jnp.float64:
+            e = (jax.lax.bitcast_convert_type(x, jnp.uint64) >> 52) & 0x7FF
+            k = jnp.clip(e.astype(i32) - 1023 + 127, 0, 255)
+        else:
+            k = ((jax.lax.bitcast_convert_type(x, jnp.uint32) >> 23) & 0xFF).astype(i32)
+        k = jnp.where(fin & (x != 0), k, 256)
+        exp = jnp.zeros(257, i32).at[k].add(1)[:256]
+    return counts, floats, hist, exp
+
+
+@functools.partial(jax.jit, static_argnames=("bins", "exp_hist"))
+def _stats_kernel(leaves: list, bins: tuple, exp_hist: bool) -> tuple:
+    """Statistics of every leaf in one program; results stacked into a few small arrays."""
+    per = [_leaf_stats(x, b, exp_hist) for x, b in zip(leaves, bins)]
+    wide = any(f.dtype == jnp.float64 for _, f, _, _ in per)
+    ft = jnp.float64 if wide else jnp.float32
+    counts = jnp.stack([c for c, _, _, _ in per])
+    floats = jnp.stack([f.astype(ft) for _, f, _, _ in per])
+    hists = [h for _, _, h, _ in per if h is not None]
+    hist = jnp.concatenate(hists) if hists else jnp.zeros(0, jnp.int32)
+    exp = jnp.stack([e for _, _, _, e in per]) if exp_hist else jnp.zeros((0, 256), jnp.int32)
+    return counts, floats, hist, exp
+
+
+def _host_stats(
+    numel: int, counts: np.ndarray, floats: np.ndarray, bins: int, hist: Any, exp: Any
+) -> Any:
+    """The Stats record of one leaf from the kernel's results."""
+    from .. import _core
+
+    nan, posinf, neginf, zeros = (int(c) for c in counts)
+    fin = numel - nan - posinf - neginf
+    mn, mx, mean, m2, abs_sum, abs_max = (float(f) for f in floats)
+    if fin == 0:
+        mn = mx = float("nan")
+        mean = m2 = abs_sum = abs_max = 0.0
+    kw: dict = {}
+    if bins:
+        if fin == 0:
+            lo, hi = 0.0, 1.0
+        elif mn == mx:
+            lo, hi = mn - 0.5, mx + 0.5
+        else:
+            lo, hi = mn, mx
+        kw = {"hist": hist, "hist_lo": lo, "hist_hi": hi}
+    if exp is not None:
+        kw["exp_hist"] = exp
+    return _core.Stats.from_parts(
+        numel, nan, posinf, neginf, zeros, mn, mx, mean, m2, abs_sum, abs_max, **kw
+    )
+
+
+def _save_device(s: CaptureSession, entries: list[tuple[str, str, Any]]) -> None:
+    """Saves ``entries`` (JAX float arrays) with statistics computed on their devices.
+
+    Statistics-only records never copy the tensor to the host; the others copy only values.
+    """
+    claimed = []
+    decided: dict = {}
+    for name, kind, v in entries:
+        d = s._claim(name, kind, frozenset(), "", decided)
+        if d is not None:
+            claimed.append((name, v, bool(d[0]), int(d[1])))
+    if not claimed:
+        return
+    exp_hist = bool(s.exp_hist)
+    groups: dict = {}  # one program per set of devices (normally one)
+    for item in claimed:
+        groups.setdefault(frozenset(item[1].devices()), []).append(item)
+    launched = []
+    for items in groups.values():
+        bins = tuple(b for _, _, _, b in items)
+        out = _stats_kernel([v for _, v, _, _ in items], bins=bins, exp_hist=exp_hist)
+        launched.append((items, out))
+    # Value copies start while the statistics run; then one gather of the small results.
+    with_values = [v for _, v, stats_only, _ in claimed if not stats_only]
+    values = iter(_fetch(with_values))
+    results = jax.device_get([out for _, out in launched])
+    w = s.writer()
+    for (items, _), (counts, floats, hist, exp) in zip(launched, results):
+        off = 0
+        for i, (name, v, stats_only, b) in enumerate(items):
+            h = hist[off : off + b] if b else None
+            off += b
+            st = _host_stats(v.size, counts[i], floats[i], b, h, exp[i] if exp_hist else None)
+            w.write(
+                name,
+                s.step,
+                v if stats_only else next(values),
+                mode=s.mode,
+                mode_step=s.mode_step,
+                stats_only=stats_only,
+                stats=st,
+            )

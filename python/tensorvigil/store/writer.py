@@ -8,6 +8,8 @@ import operator
 import os
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from .. import _core
 from .._arrays import as_array
 from ..errors import InvalidArgumentError, StoreIOError
@@ -139,6 +141,7 @@ class StoreWriter:
         hist_range: Optional[Sequence[float]] = None,
         exp_hist: bool = False,
         codec: Optional[str] = None,
+        stats: Optional[_core.Stats] = None,
     ) -> None:
         """Saves ``value`` (numpy array, torch tensor or scalar) as tensor ``name`` of ``step``.
 
@@ -153,12 +156,32 @@ class StoreWriter:
             hist_range: ``(lo, hi)`` of the histogram; default the tensor's finite range.
             exp_hist: Also store the exponent (log2) histogram.
             codec: Override the codec for this tensor.
+            stats: Statistics computed elsewhere (e.g. on an accelerator, see
+                :meth:`tensorvigil.Stats.from_parts`), stored instead of computing them here
+                (``hist_bins``, ``hist_range`` and ``exp_hist`` are then ignored). With
+                ``stats_only`` the values are never read: ``value`` only needs ``shape`` and
+                ``dtype`` (a JAX array stays on its device; a ``jax.ShapeDtypeStruct`` will do).
+
+        Raises:
+            InvalidArgumentError: ``stats.numel`` is not the tensor's number of elements, or a
+                bad name, step, mode, dtype or option.
+
+        Example:
+            >>> s = tv.Stats.from_parts(4, 0, 0, 0, 1, -1.0, 2.0, 0.5, 5.0, 4.0, 2.0)
+            >>> w.write("w", 0, jax.ShapeDtypeStruct((2, 2), "float32"), stats_only=True, stats=s)
 
         """
         if type(step) is not int or step < 0:
             step = check_step(step)
-        arr, override = as_array(value)
         code = _MODE_CODES.get(mode) if isinstance(mode, str) else None
+        if stats is not None and stats_only:
+            shape, dtype = _shape_dtype(value)
+            self._w.write_stats(
+                name, step, shape, dtype, stats, int(to_mode(mode)) if code is None else code,
+                mode_step,
+            )
+            return
+        arr, override = as_array(value)
         # Positional call: pybind11's keyword matching costs several microseconds per call.
         self._w.write(
             name,
@@ -172,6 +195,7 @@ class StoreWriter:
             exp_hist,
             codec,
             override,
+            stats,
         )
 
     def commit(
@@ -211,6 +235,21 @@ class StoreWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], str]:
+    """``(shape, core dtype name)`` of ``value`` without reading its elements."""
+    shape, dt = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dt is None:
+        arr, override = as_array(value)  # a Python number or sequence: cheap to convert
+        return arr.shape, override or arr.dtype.name
+    name = str(dt)
+    if name.startswith("torch."):
+        return tuple(shape), name[len("torch."):]
+    try:
+        return tuple(int(d) for d in shape), np.dtype(dt).name
+    except TypeError:
+        raise InvalidArgumentError(f"unsupported dtype '{name}'") from None
 
 
 def check_int(value: Any, what: str, minimum: int = 0) -> int:
