@@ -210,6 +210,17 @@ def bench_jax(args: argparse.Namespace) -> list[Row]:
         "hook (every step, stats)": tv.jax.Hook(
             os.path.join(root, "c"), save=tv.SaveConfig(every=1), reductions_only=True
         ),
+        "hook (every step, stats, device)": tv.jax.Hook(
+            os.path.join(root, "d"), save=tv.SaveConfig(every=1), reductions_only=True,
+            device_stats=True,
+        ),
+        "hook (every step, stats, host)": tv.jax.Hook(
+            os.path.join(root, "e"), save=tv.SaveConfig(every=1), reductions_only=True,
+            device_stats=False,
+        ),
+        "hook (every step, device)": tv.jax.Hook(
+            os.path.join(root, "f"), save=tv.SaveConfig(every=1), device_stats=True
+        ),
     }
     configs = {"no hook": lambda: loop()}
     for name, h in hooks.items():
@@ -218,6 +229,11 @@ def bench_jax(args: argparse.Namespace) -> list[Row]:
         "hook (defaults)": "every 10th step: params, grads, updates, Adam mu/nu, loss (values)",
         "hook (every step)": "the same every step",
         "hook (every step, stats)": "every step, statistics only",
+        "hook (every step, stats, device)": "the same, statistics computed by XLA on the device "
+        "(device_stats=True)",
+        "hook (every step, stats, host)": "the same, native statistics on the host "
+        "(device_stats=False)",
+        "hook (every step, device)": "every step with values, statistics on the device",
     }
     try:
         times = _interleaved(configs, args.repeat)
@@ -279,7 +295,12 @@ def bench_keras(args: argparse.Namespace) -> list[Row]:
         "hook (every step, +outputs)": tv.keras.Hook(
             os.path.join(root, "c"), collections=["default", "outputs"], save=tv.SaveConfig(every=1)
         ),
+        # saves the first step of the first round only: what the hook costs on unsaved steps
+        "hook (unsaved steps)": tv.keras.Hook(
+            os.path.join(root, "d"), save=tv.SaveConfig(every=1 << 40)
+        ),
     }
+
     class NullBatchCallback(keras.callbacks.Callback):
         """Keras' own cost of any per-batch callback (logs converted to NumPy every batch)."""
 
@@ -303,6 +324,7 @@ def bench_keras(args: argparse.Namespace) -> list[Row]:
         "hook (every step)": "the same every batch",
         "hook (every step, +outputs)": "every batch, also layer outputs"
         + (" (turns XLA off)" if keras.backend.backend() == "tensorflow" else ""),
+        "hook (unsaved steps)": "no batch saved (but the first): compare with the empty callback",
     }
     try:
         times = _interleaved(configs, args.repeat)

@@ -2,8 +2,10 @@
 
 Each subprocess (scripts/keras_train.py) trains an MLP on scikit-learn's digits with
 ``tv.keras.Hook`` and compares the run with values it computes itself (weights, gradients,
-batch losses, layer outputs, eval steps), then checks that a learning rate far too high is
-caught by ExplodingTensor, which stops ``fit``.
+batch losses, layer outputs, eval steps), then, saving every 3rd step over two fits (the
+first XLA-compiled on TensorFlow), checks that unsaved batches run Keras' own train function
+and saved ones still give exact gradients; then that a learning rate far too high is caught
+by ExplodingTensor, which stops ``fit``.
 """
 
 import importlib.util
@@ -14,8 +16,11 @@ import sys
 
 import pytest
 
+import tensorvigil as tv
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "keras_train.py")
-PYTHON_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "python")
+# The subprocess imports the same tensorvigil as this test (installed, or the source tree).
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(tv.__file__)))
 
 
 def _missing(*mods):
@@ -46,6 +51,7 @@ def test_keras_fit_read_back_and_fault(tmp_path, backend):
     assert facts["backend"] == backend
     assert facts["train_steps"] == 40 and facts["checked_steps"] == 40
     assert facts["eval_steps"] == 12
+    assert facts["every3_saved"] == list(range(0, 40, 3))
     assert "hidden.kernel/grad" in facts["names"] and "hidden/output" in facts["names"]
     assert facts["val_accuracy"] > 0.8
     assert facts["fault_finding"] == "ExplodingTensor"

@@ -14,14 +14,17 @@ What is captured when (global step ``s``, names as the PyTorch hook's):
   ``model.trainable_weights``, named by variable path without the model's name:
   ``dense.kernel``, ``dense.bias``, ``conv2d_1.kernel``.
 - ``gradients`` (``dense.kernel/grad``) and the batch ``loss``: from a train-step wrapper the
-  hook installs on the model when ``fit`` hands it over (``wrap_train_step=True``). The
-  wrapper runs the model's own ``train_step`` and listens to the values it passes to
-  ``optimizer.apply`` and returns from ``compute_loss``. On the PyTorch backend (eager) they
-  are saved at once; on the TensorFlow backend the step is a (by default XLA-compiled)
-  ``tf.function``, so the wrapper assigns them, only at saved steps (a ``tf.cond`` on a flag
-  variable), to non-trainable buffer variables that the callback reads at the end of the
-  batch. This costs one buffer per trainable weight. Without the wrapper (or on the JAX
-  backend) ``loss`` is Keras' ``logs["loss"]``, the running mean of the epoch so far.
+  hook uses when ``fit`` hands it the model (``wrap_train_step=True``). The wrapper runs the
+  model's own ``train_step`` and listens to the values it passes to ``optimizer.apply`` and
+  returns from ``compute_loss``. On the PyTorch backend (eager) it is installed for the
+  whole ``fit`` and saves them at once, at saved steps. On the TensorFlow backend the step
+  is a ``tf.function`` (XLA-compiled where Keras chooses so): at the start of ``fit`` the hook
+  builds a second train function, with Keras' ``make_train_function``, from the wrapped
+  step, which returns the gradients and the loss as extra outputs, and sets
+  ``model.train_function`` to it for saved batches only. Unsaved batches run Keras' own
+  function, untouched, so they cost what an empty callback costs; the second function is
+  traced once, at the first saved batch. Without the wrapper (or on the JAX backend)
+  ``loss`` is Keras' ``logs["loss"]``, the running mean of the epoch so far.
 - ``losses`` / ``metrics``: at the end of every batch, ``loss`` (train: the batch loss from the
   wrapper; eval: ``logs["loss"]``) and ``metric/<name>`` for every other entry of Keras' batch
   logs (running means over the epoch, as Keras reports them).
@@ -157,9 +160,13 @@ class Hook(keras.callbacks.Callback):
         self._weights: list[tuple[str, Any, str]] = []
         self._names: dict[int, str] = {}  # id(variable) -> name
         self._undo: list[Callable[[], None]] = []
-        self._tf: Optional[_TfChannel] = None
+        self._tf: Optional[_TfChannel] = None  # layer outputs out of a TF graph
         self._batch_loss: Any = None
-        self._in_train_step = False
+        self._tf_capture = False  # gradients / loss through a second TF train function
+        self._plain_fn: Any = None  # Keras' own train function (unsaved batches)
+        self._capture_fn: Any = None  # the one returning gradients and loss (saved batches)
+        self._extras: Any = None  # what the capture function returned for this batch
+        self._grad_names: list[str] = []  # names of the gradients it returns, in order
 
     # -- registration ----------------------------------------------------------------------
 
@@ -186,10 +193,11 @@ class Hook(keras.callbacks.Callback):
             self._weights.append((name, v, kind))
             self._names[id(v)] = name
         plan = self._session.plan
-        if self._backend == "tensorflow":
-            self._tf = _TfChannel(self)
         if self._wrap and (plan.could_want("gradients") or plan.could_want("losses")):
-            if self._backend in ("tensorflow", "torch"):
+            if self._backend == "tensorflow":
+                self._tf_capture = True  # the capture function is built in on_train_begin
+                self._undo.append(lambda: self._use_train_function(False))
+            elif self._backend == "torch":
                 self._install_train_step(model)
             elif plan.could_want("gradients"):
                 logger.info(
@@ -200,14 +208,67 @@ class Hook(keras.callbacks.Callback):
         self._install_layer_wrappers(model)
 
     def _install_train_step(self, model: Any) -> None:
+        """PyTorch backend: the step calls ``model.train_step`` eagerly, each batch."""
         orig = model.train_step
 
         def train_step(data: Any) -> Any:
             return self._run_train_step(orig, data)
 
         model.train_step = train_step
-        model.train_function = None  # TF binds train_step when it builds the function
+        model.train_function = None
         self._undo.append(lambda: _restore(model, "train_step", "train_function"))
+
+    def _prepare_tf_capture(self) -> None:
+        """TensorFlow backend, start of ``fit``: pairs Keras' train function with a capture one.
+
+        Keras builds ``model.train_function`` before ``on_train_begin`` and looks the attribute
+        up for every batch; the capture function is built once per train function (a new
+        ``compile`` makes a new one) from the wrapped step, with ``make_train_function``.
+        """
+        model = self._root
+        fn = model.train_function
+        if fn is None or fn is self._capture_fn:  # the latter: a fit that raised mid-batch
+            fn = self._plain_fn
+        if fn is None:
+            model.make_train_function()
+            fn = model.train_function
+        if fn is not self._plain_fn or self._capture_fn is None:
+            self._plain_fn = fn
+            self._capture_fn = self._build_capture_function(model, fn)
+        model.train_function = fn
+
+    def _build_capture_function(self, model: Any, plain: Any) -> Callable:
+        orig_step = model.train_step
+        own = vars(model).get("train_step")  # a user's instance override, put back after
+
+        def capture_step(data: Any) -> Any:
+            return self._run_train_step(orig_step, data)
+
+        model.train_step = capture_step  # TF's make_train_function binds it at build time
+        try:
+            model.make_train_function(force=True)
+            compiled = model.train_function
+        finally:
+            if own is None:
+                _restore(model, "train_step")
+            else:
+                model.train_step = own
+            model.train_function = plain
+
+        def capture_function(*args: Any, **kwargs: Any) -> Any:
+            out, self._extras = compiled(*args, **kwargs)
+            return out
+
+        return capture_function
+
+    def _use_train_function(self, capture: bool) -> None:
+        """Points ``model.train_function`` at the capture function or back at Keras' own."""
+        model = self._root
+        if model is None or self._capture_fn is None:
+            return
+        want = self._capture_fn if capture else self._plain_fn
+        if model.train_function is not want:
+            model.train_function = want
 
     def _install_layer_wrappers(self, model: Any) -> None:
         plan = self._session.plan
@@ -226,6 +287,8 @@ class Hook(keras.callbacks.Callback):
             layer.call = self._wrap_call(layer.call, label, tags)
             self._undo.append(lambda layer=layer: _restore(layer, "call"))
             wrapped += 1
+        if wrapped and self._backend == "tensorflow":
+            self._tf = _TfChannel(self)
         if wrapped and self._backend == "tensorflow" and not model.run_eagerly:
             if model.jit_compile:
                 logger.info(
@@ -272,11 +335,25 @@ class Hook(keras.callbacks.Callback):
         grads, tvars = seen.get("grads", (None, None))
         if tvars is None and grads is not None:
             tvars = model.trainable_weights
-        if self._tf is not None and not _tf_eager():
-            self._tf.stage(grads, tvars, seen.get("loss"))
-        else:
-            self._train_values(grads, tvars, seen.get("loss"))
+        if self._backend == "tensorflow":
+            return out, self._extra_outputs(grads, tvars, seen.get("loss"))
+        self._train_values(grads, tvars, seen.get("loss"))
         return out
+
+    def _extra_outputs(self, grads: Any, tvars: Any, loss: Any) -> dict:
+        """TensorFlow capture function: the gradients and loss, as extra outputs of the step."""
+        names = self._names
+        staged, tensors = [], []
+        for g, v in zip(grads or (), tvars or ()):
+            name = names.get(id(v))
+            if g is not None and name is not None:
+                staged.append(name)
+                tensors.append(g)
+        self._grad_names = staged
+        extras: dict = {"grads": tuple(tensors)}
+        if loss is not None:
+            extras["loss"] = loss
+        return extras
 
     @guarded
     def _train_values(self, grads: Any, tvars: Any, loss: Any) -> None:
@@ -330,6 +407,9 @@ class Hook(keras.callbacks.Callback):
         self._batch_loss = None
         if self._tf is not None:
             self._tf.set_flag(s.saving)
+        if s.saving and mode == Mode.TRAIN and self._capture_fn is not None:
+            self._extras = None
+            self._use_train_function(True)  # for this batch only: _end puts Keras' own back
         if s.saving and self._weights:
             if self._backend == "jax":
                 # Keras' JAX trainer keeps the weights in its own state during fit; this public
@@ -341,9 +421,11 @@ class Hook(keras.callbacks.Callback):
 
     def _end(self, logs: Optional[dict]) -> None:
         s = self._session
+        if self._capture_fn is not None:
+            self._use_train_function(False)
         if s.step_open and s.saving:
-            if self._tf is not None and s.mode == Mode.TRAIN:
-                self._tf.collect()
+            if self._extras is not None and s.mode == Mode.TRAIN:
+                self._collect_extras()
             logs = logs or {}
             loss = self._batch_loss if s.mode == Mode.TRAIN else None
             if loss is None:
@@ -362,10 +444,26 @@ class Hook(keras.callbacks.Callback):
         except TrainingStopped:
             self._stop_model()
 
+    def _collect_extras(self) -> None:
+        """End of a saved TF train batch: saves the gradients the capture function returned."""
+        extras, self._extras = self._extras, None
+        grads = extras.get("grads", ())
+        self._session.save_many(
+            [(n + "/grad", "gradients", _host(g)) for n, g in zip(self._grad_names, grads)]
+        )
+        if "loss" in extras:
+            self._batch_loss = np.asarray(_host(extras["loss"]), np.float64)
+
     def _stop_model(self) -> None:
         if self._root is not None:
             self._root.stop_training = True
         logger.warning("tensorvigil: stopping fit: %s", self._session.stop_reason)
+
+    @guarded
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        """TensorFlow backend: builds the capture train function (once per train function)."""
+        if self._tf_capture:
+            self._prepare_tf_capture()
 
     @guarded
     def on_train_batch_begin(self, batch: int, logs: Optional[dict] = None) -> None:
@@ -400,6 +498,7 @@ class Hook(keras.callbacks.Callback):
     @guarded
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         """Flushes what ``fit`` captured to disk (the run stays open for later calls)."""
+        self._use_train_function(False)
         self._session.flush()
 
     @guarded
@@ -499,11 +598,10 @@ def _tf_eager() -> bool:
 
 
 class _TfChannel:
-    """Values from inside a TensorFlow train function, handed over only at saved steps.
+    """Layer outputs from inside a TensorFlow graph, handed over only at saved steps.
 
-    Gradients and the batch loss go through non-trainable buffer variables (XLA-compatible);
-    layer outputs through ``tf.numpy_function`` (graph mode without XLA only). Everything is
-    behind ``tf.cond`` on ``flag``, which the callback sets at the start of each batch.
+    A ``tf.numpy_function`` (graph mode without XLA only) behind ``tf.cond`` on ``flag``, which
+    the callback sets at the start of each batch.
     """
 
     def __init__(self, hook: Hook) -> None:
@@ -513,46 +611,11 @@ class _TfChannel:
         self.hook = hook
         self.flag = tf.Variable(False, trainable=False, name="tv_save_flag")
         self.flag_value = False
-        self.buffers: dict[str, Any] = {}
-        self.loss = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="tv_batch_loss")
-        self.staged_grads: list[str] = []
-        self.staged_loss = False
 
     def set_flag(self, value: bool) -> None:
         if value != self.flag_value:
             self.flag.assign(value)
             self.flag_value = value
-
-    def stage(self, grads: Any, tvars: Any, loss: Any) -> None:
-        """Trace time: adds the buffer assignments to the train function."""
-        tf = self.tf
-        names = self.hook._names
-        pairs = []
-        staged = []
-        for g, v in zip(grads or (), tvars or ()):
-            name = names.get(id(v))
-            if g is None or name is None:
-                continue
-            buf = self.buffers.get(name)
-            if buf is None:
-                with tf.init_scope():  # variables are created eagerly, outside the trace
-                    buf = tf.Variable(
-                        tf.zeros(tuple(v.shape), dtype=v.dtype), trainable=False, name="tv_grad"
-                    )
-                self.buffers[name] = buf
-            pairs.append((buf, g))
-            staged.append(name)
-        self.staged_grads = staged
-        self.staged_loss = loss is not None
-
-        def assign() -> Any:
-            for buf, g in pairs:
-                buf.assign(tf.cast(tf.convert_to_tensor(g), buf.dtype))
-            if loss is not None:
-                self.loss.assign(tf.cast(loss, tf.float64))
-            return tf.constant(True)
-
-        tf.cond(self.flag, assign, lambda: tf.constant(False))
 
     def stage_output(self, label: str, tags: frozenset, flat: list) -> None:
         """Trace time: hands the layer's outputs to the host at saved steps."""
@@ -567,13 +630,3 @@ class _TfChannel:
             return tf.numpy_function(host, flat, Tout=tf.bool, stateful=True)
 
         tf.cond(self.flag, send, lambda: tf.constant(False))
-
-    def collect(self) -> None:
-        """Batch end of a saved train step: reads the buffers the step filled."""
-        hook = self.hook
-        if self.staged_grads:
-            hook._session.save_many(
-                [(n + "/grad", "gradients", self.buffers[n].numpy()) for n in self.staged_grads]
-            )
-        if self.staged_loss:
-            hook._batch_loss = np.asarray(self.loss.numpy())

@@ -154,6 +154,60 @@ check(
     "final eval accuracy",
 )
 
+# -- 1b. every 3rd step, two fits with a compile between ------------------------------------------
+# Unsaved batches must run Keras' own train function (on TensorFlow the hook swaps in its
+# capture function for saved batches only); a new compile makes a new train function.
+class FunctionProbe(keras.callbacks.Callback):
+    """Records which train function each batch runs (placed after the hook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fns = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.fns.append(self.model.train_function)
+
+
+model3 = mlp(4)
+rec3, probe = Recorder(), FunctionProbe()
+every_dir = os.path.join(OUT, "every3")
+hook3 = tv.keras.Hook(every_dir, save=tv.SaveConfig(every=3), strict=True)
+keras_fns = []
+hist3 = None
+for fit_no in range(2):
+    # the first fit XLA-compiled on TensorFlow (as Keras' "auto" chooses on a GPU), the second not
+    jit = fit_no == 0 and BACKEND == "tensorflow"
+    model3.compile(
+        optimizer=keras.optimizers.SGD(LR), loss=loss_fn, metrics=["accuracy"], jit_compile=jit
+    )
+    hist3 = model3.fit(
+        xt, yt, batch_size=BATCH, epochs=1, shuffle=False, callbacks=[rec3, hook3, probe], verbose=0
+    )
+    keras_fns.append(model3.train_function)
+    check(model3.jit_compile == jit, f"jit_compile {model3.jit_compile} in fit {fit_no}")
+hook3.close()
+check(sorted(hist3.history) == ["accuracy", "loss"], f"history keys {sorted(hist3.history)}")
+run3 = tv.open(every_dir)
+saved = run3.tensor("hidden.kernel").steps()
+facts["every3_saved"] = saved
+check(saved == list(range(0, 2 * n_batches, 3)), f"every=3 saved steps {saved}")
+for i, fn in enumerate(probe.fns):
+    own = keras_fns[i // n_batches]
+    check((fn is own) == (i not in saved or BACKEND != "tensorflow"), f"train function at {i}")
+if FULL:
+    check(run3.tensor("hidden.kernel/grad").steps() == saved, "every=3 gradient steps")
+    check(run3.tensor("loss").steps() == saved, "every=3 loss steps")
+    for i in saved:
+        w = rec3.weights[i]
+        nxt = rec3.weights[i + 1] if i + 1 < len(rec3.weights) else rec3.epoch_end[-1]
+        for n, before, after in zip(wnames, w, nxt):
+            g = run3.tensor(n + "/grad").value(i)
+            check(close(g, (before - after) / LR, rtol=1e-3, atol=2e-5), f"every=3 {n}/grad {i}")
+        b = slice((i % n_batches) * BATCH, (i % n_batches + 1) * BATCH)
+        logits = np.maximum(xt[b] @ w[0] + w[1], 0.0) @ w[2] + w[3]
+        expect_loss = float(keras.ops.convert_to_numpy(loss_fn(yt[b], logits)))
+        check(close(run3.tensor("loss").value(i), expect_loss), f"every=3 batch loss at {i}")
+
 # -- 2. injected fault: learning rate far too high ----------------------------------------------
 # A linear regression head on raw pixel values (0..16) with SGD at lr=0.01, far above 2 / the
 # largest curvature: gradient descent diverges geometrically and reaches Inf within a few steps.
