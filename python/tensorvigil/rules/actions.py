@@ -112,6 +112,12 @@ class Webhook:
         self.dropped = 0
         self._q: queue.Queue = queue.Queue(maxsize=max_queue)
         self._thread: Optional[threading.Thread] = None
+        # Imported here, at set-up: importing urllib.request loads OpenSSL, which holds the GIL
+        # for a while; done by the sender thread, it stalled the first rule step (~0.5 s).
+        import urllib.request
+
+        self._urlopen = urllib.request.urlopen
+        self._request = urllib.request.Request
 
     def __call__(self, f: Finding) -> None:
         """Queues ``f`` for sending."""
@@ -132,12 +138,10 @@ class Webhook:
                 self._q.task_done()
                 return
             try:
-                import urllib.request  # here: keeps `import tensorvigil` light
-
-                req = urllib.request.Request(
+                req = self._request(
                     self.url, data=json.dumps(doc).encode(), headers=self.headers, method="POST"
                 )
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with self._urlopen(req, timeout=self.timeout) as resp:
                     resp.read(1 << 16)
                 self.sent += 1
             except Exception as e:  # noqa: BLE001 - a dead endpoint must not matter
