@@ -62,6 +62,7 @@ from .base import (
     CaptureSession,
     Collection,
     SaveConfig,
+    SessionHook,
     guarded,
 )
 
@@ -145,7 +146,7 @@ def _jax_rank() -> int:
     return _detect_rank()
 
 
-class Hook:
+class Hook(SessionHook):
     """Captures the pytrees of a JAX (optax, Flax, Haiku ...) training loop into a run.
 
     Call :meth:`save_step` once per training (or eval) step, outside :func:`jax.jit`, with the
@@ -345,52 +346,9 @@ class Hook:
         """Global step last recorded (-1 before the first)."""
         return self._session.step
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
-        return self._session.should_stop
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Stops training at the next :meth:`save_step` (raising :class:`TrainingStopped`)."""
         self._session.request_stop(reason)
-
-    @property
-    def findings(self) -> list:
-        """Findings raised so far by the hook's in-process rules."""
-        return self._session.findings
-
-    @property
-    def disabled(self) -> bool:
-        """True after a hook error turned capture off (non-strict mode)."""
-        return self._session.disabled
-
-    @property
-    def out_dir(self) -> str:
-        """The run directory."""
-        return self._session.out_dir
-
-    def flush(self) -> None:
-        """Waits until everything captured so far is written."""
-        self._session.flush()
-
-    def close(self) -> None:
-        """Flushes and seals the stream; runs the rules' final pass. Idempotent."""
-        try:
-            self._session.close()
-        except Exception as e:  # noqa: BLE001 - never kill training unless strict
-            if self._session.strict:
-                raise
-            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self._session
-        return f"Hook({s.out_dir!r}, step={s.step}, collections={[c.name for c in s.plan.colls]})"
 
     # -- naming ------------------------------------------------------------------------------
 

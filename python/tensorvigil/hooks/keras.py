@@ -50,7 +50,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, TrainingStopped
 from ..modes import Mode
-from .base import CapturePlan, CaptureSession, Collection, SaveConfig, guarded
+from .base import CapturePlan, CaptureSession, Collection, SaveConfig, SessionHook, guarded
 
 logger = logging.getLogger("tensorvigil")
 
@@ -91,7 +91,7 @@ def _leaf_layers(model: Any) -> list:
     return out
 
 
-class Hook(keras.callbacks.Callback):
+class Hook(keras.callbacks.Callback, SessionHook):
     """Captures a Keras 3 model's tensors into a tensorvigil run during ``fit`` and friends.
 
     Args:
@@ -518,58 +518,17 @@ class Hook(keras.callbacks.Callback):
         """Global step being captured (-1 before the first)."""
         return self._session.step
 
-    @property
-    def should_stop(self) -> bool:
-        """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
-        return self._session.should_stop
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ends ``fit`` after the current batch."""
         self._session.request_stop(reason)
 
-    @property
-    def findings(self) -> list:
-        """Findings raised so far by the hook's in-process rules."""
-        return self._session.findings
-
-    @property
-    def disabled(self) -> bool:
-        """True after a hook error turned capture off (non-strict mode)."""
-        return self._session.disabled
-
-    @property
-    def out_dir(self) -> str:
-        """The run directory."""
-        return self._session.out_dir
-
-    def flush(self) -> None:
-        """Waits until everything captured so far is written."""
-        self._session.flush()
-
-    def close(self) -> None:
-        """Seals the stream, runs the rules' final pass and removes the wrappers. Idempotent."""
+    def _detach(self) -> None:
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
             try:
                 fn()
             except Exception:  # noqa: BLE001 - the model is still usable without it
                 logger.exception("tensorvigil: removing a wrapper failed")
-        try:
-            self._session.close()
-        except Exception as e:  # noqa: BLE001 - never kill training unless strict
-            if self._session.strict:
-                raise
-            logger.error("tensorvigil: closing the run failed: %s: %s", type(e).__name__, e)
-
-    def __enter__(self) -> Hook:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        s = self._session
-        return f"Hook({s.out_dir!r}, step={s.step}, collections={[c.name for c in s.plan.colls]})"
 
 
 def _restore(obj: Any, *attrs: str) -> None:
