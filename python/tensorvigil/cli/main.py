@@ -36,20 +36,11 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set)
 
 def _kind_of(run, names: Sequence[str]) -> dict[str, str]:
     """The built-in collection (kind) of each tensor, from ``collections.json``."""
-    kinds = (
-        "weights",
-        "biases",
-        "gradients",
-        "losses",
-        "metrics",
-        "optimizer_variables",
-        "inputs",
-        "outputs",
-        "custom",
-    )
+    from ..hooks.base import KINDS
+
     out: dict[str, str] = {}
     cols = run.collections()
-    for kind in kinds:
+    for kind in KINDS:
         for n in cols.get(kind, ()):
             out.setdefault(n, kind)
     for coll, members in cols.items():

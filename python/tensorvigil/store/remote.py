@@ -167,7 +167,6 @@ class S3Store(ObjectStore):
             read_timeout=30,
         )
         self._client = boto3.session.Session().client("s3", config=config)
-        self._lock = threading.Lock()
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -639,7 +638,6 @@ class Mirror:
     """
 
     def __init__(self, target: Any, cache_dir: Optional[str] = None) -> None:
-        self.target = target
         self.store = open_store(target)
         # A private directory per reader: which byte ranges of a cached shard are present is
         # known only to the Mirror that fetched them, so caches are not shared between readers.
@@ -754,4 +752,3 @@ class Mirror:
                 data = f.read()
             self.store.put_bytes(key, data)
             self._sizes[key] = len(data)
-
