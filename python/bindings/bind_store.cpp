@@ -75,6 +75,36 @@ struct ReaderHandle {
   mutable std::shared_mutex mu;
 };
 
+/// Lazy readers: loads the records of `name_ids` (all tensors when empty) unless they are
+/// loaded, then runs `f(reader)` with the lock held shared. A refresh between the load and the
+/// query can defer new shards again, so the check is repeated under the shared lock.
+template <typename F>
+auto with_loaded(const ReaderHandle& h, const std::vector<uint32_t>& name_ids, F&& f) {
+  for (;;) {
+    {
+      SHARED(h);
+      if (r.loaded(name_ids)) return f(r);
+    }
+    py::gil_scoped_release nogil;
+    std::unique_lock<std::shared_mutex> lk(h.mu);
+    h.reader->load(name_ids);
+  }
+}
+
+/// The record of (name, step, rank), its tensor loaded first; nothing when there is none.
+std::optional<RecordInfo> find_loaded(const ReaderHandle& h, const std::string& name, int64_t step,
+                                      uint32_t rank) {
+  int64_t id;
+  {
+    SHARED(h);
+    id = r.name_id(name);
+  }
+  if (id < 0) return std::nullopt;
+  return with_loaded(h, {static_cast<uint32_t>(id)}, [&](const RunReader& r) {
+    return r.find(static_cast<uint32_t>(id), step, rank);
+  });
+}
+
 template <typename T>
 py::array_t<T> column(std::size_t n) {
   return py::array_t<T>(static_cast<py::ssize_t>(n));
@@ -195,11 +225,13 @@ Args:
     roll_seconds: ... or once it is this old.
     threads: Encoder threads.
     fsync: fsync shards when sealed and on close.
+    tensor_index: Write a tensor index beside each sealed shard (FORMAT.md §3.8), so that a
+        reader opens the run from its commits and names and reads one tensor's records alone.
 )doc")
       .def(py::init([](const std::string& run_dir, uint32_t rank, const std::string& codec,
                        int level, uint32_t chunk_size, uint64_t max_pending_bytes,
                        const std::string& policy, uint64_t roll_bytes, double roll_seconds,
-                       int threads, bool fsync) {
+                       int threads, bool fsync, bool tensor_index) {
              WriterOptions o;
              o.codec = store::codec_from_name(codec);
              o.level = level;
@@ -216,6 +248,7 @@ Args:
              o.roll_seconds = roll_seconds;
              o.threads = threads;
              o.fsync = fsync;
+             o.tensor_index = tensor_index;
              py::gil_scoped_release nogil;
              return std::make_unique<StreamWriter>(run_dir, rank, o);
            }),
@@ -223,7 +256,7 @@ Args:
            py::arg("level") = 1, py::arg("chunk_size") = store::kDefaultChunkSize,
            py::arg("max_pending_bytes") = 512ull << 20, py::arg("policy") = "block",
            py::arg("roll_bytes") = 256ull << 20, py::arg("roll_seconds") = 30.0,
-           py::arg("threads") = 2, py::arg("fsync") = true)
+           py::arg("threads") = 2, py::arg("fsync") = true, py::arg("tensor_index") = true)
       .def(
           "write",
           [](StreamWriter& w, const std::string& name, int64_t step, const py::array& arr,
@@ -333,13 +366,15 @@ Raises InvalidArgumentError when ``stats.numel`` is not the number of elements o
   py::class_<ReaderHandle>(m, "RunReader", R"doc(
 Reader of a run directory (all ranks). Sees committed steps only; ``refresh`` picks up what
 writers appended since. ``strict=False`` lists corruption in ``problems`` instead of raising.)doc")
-      .def(py::init([](const std::string& run_dir, bool strict) {
+      .def(py::init([](const std::string& run_dir, bool strict, bool lazy) {
              auto h = std::make_unique<ReaderHandle>();
              py::gil_scoped_release nogil;
-             h->reader = std::make_unique<RunReader>(run_dir, strict);
+             h->reader = std::make_unique<RunReader>(run_dir, strict, lazy);
              return h;
            }),
-           py::arg("run_dir"), py::arg("strict") = true)
+           py::arg("run_dir"), py::arg("strict") = true, py::arg("lazy") = true,
+           "``lazy``: sealed shards with a tensor index are opened from its directory (commits "
+           "and names) and a tensor's records are read when a query first asks for it.")
       .def(
           "refresh",
           [](ReaderHandle& h) {
@@ -354,17 +389,17 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
       .def("ended", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.ended(rank); })
       .def("writer_alive", [](const ReaderHandle& h, uint32_t rank) { SHARED(h); return r.writer_alive(rank); })
       .def_property_readonly("problems", [](const ReaderHandle& h) { SHARED(h); return r.problems(); })
-      .def("num_records", [](const ReaderHandle& h) { SHARED(h); return r.num_records(); })
+      .def("num_records",
+           [](const ReaderHandle& h) {
+             return with_loaded(h, {}, [](const RunReader& r) { return r.num_records(); });
+           })
+      .def("num_deferred_records", [](const ReaderHandle& h) { SHARED(h); return r.num_deferred_records(); },
+           "Records of shards opened lazily that no query has loaded yet.")
       .def(
           "record",
           [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
-            std::optional<RecordInfo> copy;
-            {
-              SHARED(h);
-              int64_t id = r.name_id(name);
-              if (id >= 0) copy = r.find(static_cast<uint32_t>(id), step, rank);
-              if (!copy) return py::none();
-            }
+            std::optional<RecordInfo> copy = find_loaded(h, name, step, rank);
+            if (!copy) return py::none();
             if (copy->hists_elided) {
               py::gil_scoped_release nogil;
               h.reader->load_histograms(*copy);
@@ -378,12 +413,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
           [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank, int threads) {
             // Look up and copy under the lock, then read without it (and without the GIL):
             // refresh() may run meanwhile; read_value() is safe against it.
-            std::optional<RecordInfo> copy;
-            {
-              SHARED(h);
-              int64_t id = r.name_id(name);
-              if (id >= 0) copy = r.find(static_cast<uint32_t>(id), step, rank);
-            }
+            std::optional<RecordInfo> copy = find_loaded(h, name, step, rank);
             if (!copy)
               throw_error(ErrorCode::kNotFound, "[run_reader.read] no tensor '" + name +
                                                     "' at step " + std::to_string(step) +
@@ -416,11 +446,9 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
       .def(
           "value_location",
           [](const ReaderHandle& h, const std::string& name, int64_t step, uint32_t rank) -> py::object {
-            SHARED(h);
-            int64_t id = r.name_id(name);
-            if (id < 0) return py::none();
-            std::optional<RecordInfo> rec = r.find(static_cast<uint32_t>(id), step, rank);
+            std::optional<RecordInfo> rec = find_loaded(h, name, step, rank);
             if (!rec) return py::none();
+            SHARED(h);
             return py::make_tuple(r.shard_path(rec->shard), rec->frame_offset,
                                   rec->payload_offset + rec->payload_len);
           },
@@ -473,9 +501,10 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
              std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
             store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
                                              step_max, mode);
-            SHARED(h);
-            std::vector<std::size_t> idx = r.select(sel);
-            return row_columns(r, idx.data(), idx.size(), {});
+            return with_loaded(h, sel.name_ids, [&](const RunReader& r) {
+              std::vector<std::size_t> idx = r.select(sel);
+              return row_columns(r, idx.data(), idx.size(), {});
+            });
           },
           py::arg("name_ids") = std::vector<uint32_t>{}, py::arg("ranks") = std::vector<uint32_t>{},
           py::arg("step_min") = py::none(), py::arg("step_max") = py::none(), py::arg("mode") = -1,
@@ -486,11 +515,8 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
              std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
             store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
                                              step_max, mode);
-            std::vector<std::size_t> idx;
-            {
-              SHARED(h);
-              idx = r.select(sel);
-            }
+            std::vector<std::size_t> idx =
+                with_loaded(h, sel.name_ids, [&](const RunReader& r) { return r.select(sel); });
             auto out = column<uint64_t>(idx.size());
             std::copy(idx.begin(), idx.end(), out.mutable_data());
             return out;
@@ -508,7 +534,7 @@ tensor, step and rank); ``row_columns`` reads their columns.)doc")
             SHARED(h);
             const uint64_t* p = rows.data();
             const std::size_t n = static_cast<std::size_t>(rows.size());
-            const std::size_t total = r.num_records();
+            const std::size_t total = r.num_records();  // loaded rows (select_rows loaded them)
             for (std::size_t i = 0; i < n; ++i)
               if (p[i] >= total)
                 throw_error(ErrorCode::kInvalidArgument,

@@ -129,14 +129,24 @@ def test_damaged_footer_and_index_are_rebuilt(tmp_run):
     ).read_bytes() == bytes(bad[int.from_bytes(good[-24:-16], "little") :])
     assert fsck(tmp_run).clean
     assert _read_all(tmp_run).keys() == values.keys()
-    # Damaged index (footer intact): strict readers refuse the shard until fsck rebuilds it.
+    # Damaged index (footer intact). A reader opening the shard through its tensor index never
+    # decodes the shard's index and still serves only verified values; without the tensor
+    # index, strict readers refuse the shard until fsck rebuilds its index.
     Path(shard).write_bytes(good)
     index_off = int.from_bytes(good[-24:-16], "little")
     bad = bytearray(good)
     bad[index_off + 32 + 50] ^= 0x01
     Path(shard).write_bytes(bytes(bad))
+    got = _read_all(tmp_run)
+    assert got.keys() == values.keys()
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, values[k])
+    tindex = Path(shard[:-1] + "t")
+    tindex_bytes = tindex.read_bytes()
+    tindex.unlink()
     with pytest.raises(tv.DataCorruptionError):
         _read_all(tmp_run)
+    tindex.write_bytes(tindex_bytes)
     rep = fsck(tmp_run)
     assert rep.shards[0].index_state == "index_corrupt" and rep.shards[0].state == "damaged"
     for p in Path(shard).parent.glob("*.tail-*"):

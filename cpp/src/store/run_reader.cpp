@@ -19,6 +19,7 @@
 #include "tensorvigil/error.h"
 #include "tensorvigil/store/codec.h"
 #include "tensorvigil/store/crc32c.h"
+#include "tensorvigil/store/tensor_index.h"
 
 namespace fs = std::filesystem;
 
@@ -102,6 +103,7 @@ struct RunReader::Impl {
   mutable std::shared_mutex mu;
   std::string run_dir;
   bool strict = true;
+  bool lazy = false;
   std::map<uint32_t, Stream> streams;
   std::vector<std::string> names;
   // Name lookup without building a string per record: the keys view name_keys (a deque, so
@@ -118,8 +120,32 @@ struct RunReader::Impl {
   // (name, rank) series: row indices sorted by step (steps mostly arrive in order: appends).
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> series_of_name;  // (rank, series)
   std::vector<std::vector<uint32_t>> series;
-  // Commit spans sorted by (step, first row): a step-range query reads only its rows.
+  // Commit spans sorted by (step, first row): a step-range query reads only its rows. Spans
+  // are appended as rows are and merged into order when a refresh or load ends
+  // (finish_spans); spans_sorted of them are in order.
   std::vector<Span> spans;
+  std::size_t spans_sorted = 0;
+  // Lazy mode: sealed shards with a tensor index (FORMAT.md §3.8) are deferred. Their commits
+  // and names are known at once; a tensor's records enter the table when a query asks for it.
+  struct Block {
+    uint32_t name_id;
+    uint32_t count;
+    uint32_t crc;
+    bool loaded;
+    uint64_t offset;
+  };
+  struct Deferred {
+    uint32_t shard_id;
+    uint32_t rank;
+    TensorIndexDir dir;
+    std::vector<uint32_t> shape_ids;  // dir.shapes -> the shape table
+    std::vector<Block> blocks;
+  };
+  std::vector<Deferred> deferred;
+  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> blocks_of_name;  // (deferred, block)
+  std::vector<uint32_t> unloaded_of_name;  // blocks of the name not loaded yet
+  uint64_t unloaded_total = 0;
+  std::vector<uint32_t> shard_seq;  // seq of each shard of shard_paths
   std::vector<StepInfo> commits;
   std::vector<std::string> shard_paths;
   std::vector<std::string> problems;
@@ -143,6 +169,8 @@ struct RunReader::Impl {
     name_ids.emplace(std::string_view(name_keys.back()), id);
     last_shape_of_name.push_back(UINT32_MAX);
     series_of_name.emplace_back();
+    blocks_of_name.emplace_back();
+    unloaded_of_name.push_back(0);
     return id;
   }
 
@@ -169,18 +197,60 @@ struct RunReader::Impl {
       const auto& s = shapes[last];
       if (s.size() == ndim && std::equal(s.begin(), s.end(), dims)) return last;
     }
-    std::vector<int64_t> key(dims, dims + ndim);
-    auto it = shape_ids.find(key);
-    uint32_t id;
-    if (it != shape_ids.end()) {
-      id = it->second;
-    } else {
-      id = static_cast<uint32_t>(shapes.size());
-      shapes.push_back(key);
-      shape_ids.emplace(std::move(key), id);
-    }
+    uint32_t id = intern_shape(std::vector<int64_t>(dims, dims + ndim));
     last_shape_of_name[name_id] = id;
     return id;
+  }
+
+  uint32_t intern_shape(std::vector<int64_t> key) {
+    auto it = shape_ids.find(key);
+    if (it != shape_ids.end()) return it->second;
+    uint32_t id = static_cast<uint32_t>(shapes.size());
+    shapes.push_back(key);
+    shape_ids.emplace(std::move(key), id);
+    return id;
+  }
+
+  /// True when record a was applied after record b of the same rank (§9.4 "later wins": shard
+  /// seq, then file offset), whatever order they were loaded in.
+  bool later(const RecordRow& a, const RecordRow& b) const {
+    const uint32_t sa = shard_seq[a.shard], sb = shard_seq[b.shard];
+    return sa != sb ? sa > sb : a.frame_offset > b.frame_offset;
+  }
+
+  /// Adds a committed record to the table and its (name, rank) series; a record of the same
+  /// (name, step, rank) is replaced only by a later one. Returns true when a row was appended.
+  bool add_row(std::vector<uint32_t>& sv, const RecordRow& row, const ScalarStats& st) {
+    if (sv.empty() || rows[sv.back()].step < row.step) {
+      sv.push_back(static_cast<uint32_t>(rows.size()));
+      rows.push_back(row);
+      stats.push_back(st);
+      return true;
+    }
+    auto pos = std::lower_bound(sv.begin(), sv.end(), row.step,
+                                [&](uint32_t i, int64_t s) { return rows[i].step < s; });
+    if (pos != sv.end() && rows[*pos].step == row.step) {
+      if (later(row, rows[*pos])) {  // the step written again (restarted writer)
+        rows[*pos] = row;
+        stats.set(*pos, st);
+      }
+      return false;
+    }
+    sv.insert(pos, static_cast<uint32_t>(rows.size()));
+    rows.push_back(row);
+    stats.push_back(st);
+    return true;
+  }
+
+  /// Puts the spans appended since the last call in order (a merge: new spans usually follow).
+  void finish_spans() {
+    if (spans_sorted == spans.size()) return;
+    auto by_step = [](const Span& a, const Span& b) { return a.step < b.step; };
+    auto mid = spans.begin() + static_cast<std::ptrdiff_t>(spans_sorted);
+    if (!std::is_sorted(mid, spans.end(), by_step)) std::stable_sort(mid, spans.end(), by_step);
+    if (mid != spans.begin() && by_step(*mid, *(mid - 1)))
+      std::inplace_merge(spans.begin(), mid, spans.end(), by_step);
+    spans_sorted = spans.size();
   }
 
   std::vector<uint32_t>& series_for(uint32_t name_id, uint32_t rank) {
@@ -271,37 +341,10 @@ struct RunReader::Impl {
                                               [&](const Pending& p) { return p.row.step != c.step; });
         uint32_t n = 0;
         const uint32_t first = static_cast<uint32_t>(rows.size());
-        for (auto p = it; p != st.pending.end(); ++p, ++n) {
-          const RecordRow& row = p->row;
-          std::vector<uint32_t>& sv = series_for(row.name_id, row.rank);
-          if (sv.empty() || rows[sv.back()].step < row.step) {
-            sv.push_back(static_cast<uint32_t>(rows.size()));
-            rows.push_back(row);
-            stats.push_back(p->stats);
-            continue;
-          }
-          auto pos = std::lower_bound(sv.begin(), sv.end(), row.step,
-                                      [&](uint32_t i, int64_t s) { return rows[i].step < s; });
-          if (pos != sv.end() && rows[*pos].step == row.step) {
-            rows[*pos] = row;  // the step written again (restarted writer): the later one wins
-            stats.set(*pos, p->stats);
-          } else {
-            sv.insert(pos, static_cast<uint32_t>(rows.size()));
-            rows.push_back(row);
-            stats.push_back(p->stats);
-          }
-        }
+        for (auto p = it; p != st.pending.end(); ++p, ++n)
+          add_row(series_for(p->row.name_id, p->row.rank), p->row, p->stats);
         const uint32_t added = static_cast<uint32_t>(rows.size()) - first;
-        if (added) {
-          Span span{c.step, first, added};
-          if (spans.empty() || spans.back().step <= c.step) {
-            spans.push_back(span);
-          } else {
-            auto at = std::upper_bound(spans.begin(), spans.end(), c.step,
-                                       [](int64_t s, const Span& x) { return s < x.step; });
-            spans.insert(at, span);
-          }
-        }
+        if (added) spans.push_back(Span{c.step, first, added});
         st.pending.erase(it, st.pending.end());
         commits.push_back(StepInfo{st.rank, c.step, c.mode_step, c.mode, c.wall_time, n});
         ++*new_steps;
@@ -411,6 +454,259 @@ struct RunReader::Impl {
     }
   }
 
+  /// Lazy mode: takes the commits and names of a sealed shard from its tensor index, if it
+  /// has a valid one that matches the shard; its records are loaded on demand (load()).
+  /// Returns false when the shard must be read through its own index instead.
+  bool defer(Stream& st, Shard& sh, int fd, uint64_t size, std::size_t* new_steps) {
+    const std::string& path = shard_paths[sh.id];
+    if (size < kShardHeaderSize + kFooterSize) return false;
+    uint8_t foot[kFooterSize];
+    uint64_t ioff, ilen;
+    uint32_t nframes;
+    if (!pread_full(fd, foot, kFooterSize, size - kFooterSize, path) ||
+        !decode_footer(foot, &ioff, &ilen, &nframes) || ioff < kShardHeaderSize ||
+        ilen < kFrameHeaderSize || ioff + ilen != size - kFooterSize)
+      return false;
+    uint8_t hb[kFrameHeaderSize];
+    FrameHeader ih;
+    if (!pread_full(fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &ih) ||
+        ih.kind != FrameKind::kIndex || ih.total() != ilen)
+      return false;
+    const std::string tpath = tensor_index_path(path);
+    Fd t(tpath);
+    if (t.fd < 0) return false;  // none (an older writer, or not written): not a problem
+    Deferred d;
+    d.shard_id = sh.id;
+    d.rank = st.rank;
+    const std::string where = "run_reader " + tpath;
+    try {
+      uint8_t th[kTensorIndexHeaderSize];
+      const uint64_t tsize = file_size(t.fd, tpath);
+      if (tsize < kTensorIndexHeaderSize || !pread_full(t.fd, th, sizeof th, 0, tpath))
+        corrupt("[" + where + "] tensor index is truncated");
+      uint32_t dir_crc;
+      const uint64_t dir_len = decode_tensor_index_header(th, tsize, where, &d.dir, &dir_crc);
+      if (d.dir.rank != st.rank || d.dir.seq != sh.seq || d.dir.shard_size != size ||
+          d.dir.index_crc != ih.meta_crc)
+        corrupt("[" + where + "] tensor index does not describe this shard (stale)");
+      std::vector<uint8_t> dbuf(dir_len);
+      if (!pread_full(t.fd, dbuf.data(), dir_len, kTensorIndexHeaderSize, tpath) ||
+          crc32c(dbuf.data(), dir_len) != dir_crc)
+        corrupt("[" + where + "] tensor index directory checksum mismatch");
+      decode_tensor_index_dir(dbuf.data(), dir_len, where, &d.dir);
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kDataLoss) throw;
+      // The shard itself is intact: read it through its own index; the note says why.
+      problems.push_back(std::string(e.what()) + " (read through the shard's index instead)");
+      return false;
+    }
+    for (const TableCommit& c : d.dir.commits) {
+      commits.push_back(StepInfo{st.rank, c.step, c.mode_step, c.mode, c.wall_time, c.num_tensors});
+      ++*new_steps;
+    }
+    for (const auto& shape : d.dir.shapes) d.shape_ids.push_back(intern_shape(shape));
+    const uint32_t di = static_cast<uint32_t>(deferred.size());
+    for (auto& b : d.dir.blocks) {
+      const uint32_t id = intern(b.name);
+      std::string().swap(b.name);  // the name table has it
+      if (b.count == 0) continue;
+      blocks_of_name[id].emplace_back(di, static_cast<uint32_t>(d.blocks.size()));
+      d.blocks.push_back(Block{id, b.count, b.crc, false, b.offset});
+      ++unloaded_of_name[id];
+      ++unloaded_total;
+    }
+    std::vector<TensorIndexBlock>().swap(d.dir.blocks);
+    if (d.dir.ended) {
+      st.ended = true;
+      st.end_seq = sh.seq;
+    }
+    deferred.push_back(std::move(d));
+    return true;
+  }
+
+  /// The records of blocks `which` of deferred shard `d`, read from its tensor index; or, when
+  /// that fails its checksums, rebuilt from the shard's own index. Their `shape` is an id of
+  /// the reader's shape table.
+  std::vector<std::vector<TableRecord>> read_blocks(const Deferred& d, const std::vector<uint32_t>& which) {
+    std::vector<std::vector<TableRecord>> out(which.size());
+    const std::string& path = shard_paths[d.shard_id];
+    const std::string tpath = tensor_index_path(path);
+    const std::string where = "run_reader " + tpath;
+    try {
+      Fd t(tpath);
+      if (t.fd < 0)
+        corrupt("[" + where + "] tensor index disappeared: " + std::strerror(errno));
+      std::vector<uint8_t> buf;
+      for (std::size_t k = 0; k < which.size(); ++k) {
+        const Block& b = d.blocks[which[k]];
+        const std::size_t bytes = static_cast<std::size_t>(b.count) * kTensorIndexRecordSize;
+        if (buf.size() < bytes) buf.resize(bytes);
+        if (!pread_full(t.fd, buf.data(), bytes, b.offset, tpath) || crc32c(buf.data(), bytes) != b.crc)
+          corrupt("[" + where + "] tensor index block of '" + names[b.name_id] + "' checksum mismatch");
+        decode_tensor_index_records(buf.data(), b.count, d.dir, where, &out[k]);
+        for (TableRecord& r : out[k]) r.shape = d.shape_ids[r.shape];
+      }
+      return out;
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::kDataLoss) throw;
+      problems.push_back(std::string(e.what()) + " (read through the shard's index instead)");
+    }
+    // Fall back to the shard's index (the shard is checked as a sealed read would).
+    Fd f(path);
+    if (f.fd < 0) throw Error(ErrorCode::kIo, "[run_reader.open] '" + path + "': " + std::strerror(errno));
+    const uint64_t size = file_size(f.fd, path);
+    uint8_t foot[kFooterSize];
+    uint64_t ioff, ilen;
+    uint32_t nframes;
+    const std::string iwhere = "run_reader " + path + " index";
+    if (size != d.dir.shard_size || !pread_full(f.fd, foot, kFooterSize, size - kFooterSize, path) ||
+        !decode_footer(foot, &ioff, &ilen, &nframes) || ioff + ilen != size - kFooterSize ||
+        ilen < kFrameHeaderSize)
+      corrupt("[" + iwhere + "] the sealed shard changed since it was opened");
+    std::vector<uint8_t> meta(ilen - kFrameHeaderSize);
+    FrameHeader h;
+    uint8_t hb[kFrameHeaderSize];
+    if (!pread_full(f.fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &h) ||
+        h.kind != FrameKind::kIndex || h.total() != ilen ||
+        !pread_full(f.fd, meta.data(), meta.size(), ioff + kFrameHeaderSize, path) ||
+        crc32c(meta.data(), meta.size()) != h.meta_crc)
+      corrupt("[" + iwhere + "] bad index frame");
+    TensorTable tt = build_tensor_table(d.rank, shard_seq[d.shard_id], size, h.meta_crc,
+                                        meta.data(), meta.size(), iwhere);
+    // Both number the shard's COMMIT frames in file order; the commits were taken from the
+    // tensor index's directory, so they must agree.
+    bool same = tt.commits.size() == d.dir.commits.size();
+    for (std::size_t c = 0; same && c < tt.commits.size(); ++c)
+      same = tt.commits[c].step == d.dir.commits[c].step;
+    if (!same) corrupt("[" + iwhere + "] the shard's commits differ from its tensor index's");
+    for (std::size_t k = 0; k < which.size(); ++k) {
+      out[k].clear();
+      const std::string& want = names[d.blocks[which[k]].name_id];
+      for (std::size_t n = 0; n < tt.names.size(); ++n) {
+        if (tt.names[n] != want) continue;
+        out[k] = std::move(tt.records[n]);
+        for (TableRecord& r : out[k]) r.shape = intern_shape(tt.shapes[r.shape]);
+      }
+    }
+    return out;
+  }
+
+  /// Loads blocks `which` of deferred shard `di` into the record table, in the order a reader
+  /// of the shard would have committed them (commit, then file offset).
+  void load_deferred(uint32_t di, const std::vector<uint32_t>& which) {
+    Deferred& d = deferred[di];
+    std::vector<std::vector<TableRecord>> recs;
+    try {
+      recs = read_blocks(d, which);
+    } catch (const Error& e) {
+      if (strict || e.code() != ErrorCode::kDataLoss) throw;
+      problems.push_back(e.what());
+      recs.assign(which.size(), {});
+    }
+    // Order by commit with a counting sort (each block is already in commit order).
+    const std::size_t nc = d.dir.commits.size();
+    std::vector<uint32_t> start(nc + 1, 0);
+    std::size_t total = 0;
+    for (const auto& v : recs)
+      for (const TableRecord& r : v) ++start[r.commit + 1], ++total;
+    for (std::size_t c = 0; c < nc; ++c) start[c + 1] += start[c];
+    std::vector<std::pair<const TableRecord*, uint32_t>> order(total);  // (record, name id)
+    for (std::size_t k = 0; k < recs.size(); ++k)
+      for (const TableRecord& r : recs[k]) order[start[r.commit]++] = {&r, d.blocks[which[k]].name_id};
+    // Within a commit, file order: insertion sort (blocks come in write order, so it rarely moves).
+    for (std::size_t i = 1; i < total; ++i) {
+      auto x = order[i];
+      std::size_t j = i;
+      while (j > 0 && order[j - 1].first->commit == x.first->commit &&
+             order[j - 1].first->frame_offset > x.first->frame_offset) {
+        order[j] = order[j - 1];
+        --j;
+      }
+      order[j] = x;
+    }
+    if (rows.capacity() < rows.size() + total) {
+      rows.reserve(std::max(rows.size() + total, rows.capacity() + rows.capacity() / 2));
+      stats.reserve(rows.capacity());
+    }
+    std::size_t i = 0;
+    uint32_t last_name = UINT32_MAX;
+    std::vector<uint32_t>* sv = nullptr;
+    while (i < total) {
+      const uint32_t commit = order[i].first->commit;
+      const uint32_t first = static_cast<uint32_t>(rows.size());
+      for (; i < total && order[i].first->commit == commit; ++i) {
+        const TableRecord& t = *order[i].first;
+        RecordRow r;
+        r.step = t.step;
+        r.mode_step = t.mode_step;
+        r.wall_time = t.wall_time;
+        r.raw_nbytes = t.raw_nbytes;
+        r.frame_offset = t.frame_offset;
+        r.payload_len = t.payload_len;
+        r.name_id = order[i].second;
+        r.rank = d.rank;
+        r.shard = d.shard_id;
+        r.shape_id = t.shape;
+        r.meta_len = t.meta_len;
+        r.meta_crc = t.meta_crc;
+        r.payload_crc = t.payload_crc;
+        r.flags = t.flags;
+        r.mode = t.mode;
+        r.dtype = t.dtype;
+        r.codec = t.codec;
+        r.hists = t.hists;
+        ScalarStats ss{t.numel, t.nan, t.posinf, t.neginf, t.zeros, t.min, t.max, t.mean, t.m2, t.abs_sum, t.abs_max};
+        if (r.name_id != last_name) {
+          sv = &series_for(r.name_id, r.rank);
+          last_name = r.name_id;
+        }
+        add_row(*sv, r, ss);
+      }
+      const uint32_t added = static_cast<uint32_t>(rows.size()) - first;
+      if (added) spans.push_back(Span{d.dir.commits[commit].step, first, added});
+    }
+    for (uint32_t b : which) {
+      Block& blk = d.blocks[b];
+      if (blk.loaded) continue;
+      blk.loaded = true;
+      --unloaded_of_name[blk.name_id];
+      --unloaded_total;
+    }
+  }
+
+  bool loaded(const std::vector<uint32_t>& ids) const {
+    if (ids.empty()) return unloaded_total == 0;
+    for (uint32_t id : ids)
+      if (id < unloaded_of_name.size() && unloaded_of_name[id]) return false;
+    return true;
+  }
+
+  void load(const std::vector<uint32_t>& ids) {
+    if (loaded(ids)) return;
+    std::map<uint32_t, std::vector<uint32_t>> todo;  // deferred shard -> blocks, in shard order
+    if (ids.empty()) {
+      for (uint32_t di = 0; di < deferred.size(); ++di)
+        for (uint32_t b = 0; b < deferred[di].blocks.size(); ++b)
+          if (!deferred[di].blocks[b].loaded) todo[di].push_back(b);
+    } else {
+      for (uint32_t id : ids) {
+        if (id >= blocks_of_name.size() || !unloaded_of_name[id]) continue;
+        for (auto [di, b] : blocks_of_name[id])
+          if (!deferred[di].blocks[b].loaded) todo[di].push_back(b);
+      }
+    }
+    try {
+      for (auto& [di, which] : todo) {
+        std::sort(which.begin(), which.end());
+        load_deferred(di, which);
+      }
+    } catch (...) {
+      finish_spans();
+      throw;
+    }
+    finish_spans();
+  }
+
   void refresh_shard(Stream& st, Shard& sh, bool is_last, std::size_t* new_steps) {
     const std::string& path = shard_paths[sh.id];
     Fd f(path);
@@ -438,6 +734,10 @@ struct RunReader::Impl {
                 " shard " + std::to_string(seq) + ", not where it is stored");
       sh.header_ok = true;
       if (sh.pos == kShardHeaderSize) {
+        if (lazy && defer(st, sh, f.fd, size, new_steps)) {
+          sh.done = true;
+          return;
+        }
         bool sealed = false;
         read_sealed(st, sh, f.fd, size, new_steps, &sealed);
         if (sealed) {
@@ -463,6 +763,7 @@ struct RunReader::Impl {
       sh.seq = v;
       sh.id = static_cast<uint32_t>(shard_paths.size());
       shard_paths.push_back(entry.path().string());
+      shard_seq.push_back(v);
       st.shards.emplace(v, sh);
     }
     // Reserve the record table once for every sealed shard still to read (their footers give
@@ -508,12 +809,14 @@ struct RunReader::Impl {
   }
 };
 
-RunReader::RunReader(const std::string& run_dir, bool strict) : impl_(std::make_unique<Impl>()) {
+RunReader::RunReader(const std::string& run_dir, bool strict, bool lazy)
+    : impl_(std::make_unique<Impl>()) {
   std::error_code ec;
   if (!fs::is_directory(run_dir, ec))
     throw Error(ErrorCode::kNotFound, "[run_reader.open] no run directory at '" + run_dir + "'");
   impl_->run_dir = run_dir;
   impl_->strict = strict;
+  impl_->lazy = lazy;
   refresh();
 }
 
@@ -540,9 +843,26 @@ std::size_t RunReader::refresh() {
     for (auto& [rank, st] : s.streams) n += s.refresh_stream(st);
   } catch (...) {
     s.release_buffers();
+    s.finish_spans();
     throw;
   }
   s.release_buffers();
+  s.finish_spans();
+  return n;
+}
+
+bool RunReader::loaded(const std::vector<uint32_t>& name_ids) const { return impl_->loaded(name_ids); }
+
+void RunReader::load(const std::vector<uint32_t>& name_ids) {
+  std::unique_lock<std::shared_mutex> lock(impl_->mu);
+  impl_->load(name_ids);
+}
+
+std::size_t RunReader::num_deferred_records() const {
+  std::size_t n = 0;
+  for (const auto& d : impl_->deferred)
+    for (const auto& b : d.blocks)
+      if (!b.loaded) n += b.count;
   return n;
 }
 
@@ -678,6 +998,26 @@ std::vector<std::size_t> RunReader::select(const Selection& sel) const {
   mark(want_name, sel.name_ids);
   mark(want_rank, sel.ranks);
   std::vector<std::size_t> out;
+  if (!sel.name_ids.empty()) {
+    // By (name, rank) series: the cost follows the records selected, not the table.
+    for (std::size_t k = 0; k < sel.name_ids.size(); ++k) {
+      const uint32_t id = sel.name_ids[k];
+      if (id >= impl_->series_of_name.size()) continue;
+      if (std::find(sel.name_ids.begin(), sel.name_ids.begin() + static_cast<std::ptrdiff_t>(k), id) !=
+          sel.name_ids.begin() + static_cast<std::ptrdiff_t>(k))
+        continue;  // listed twice
+      for (const auto& [rank, sid] : impl_->series_of_name[id]) {
+        if (!sel.ranks.empty() && (rank >= want_rank.size() || !want_rank[rank])) continue;
+        const auto& sv = impl_->series[sid];
+        auto lo = std::lower_bound(sv.begin(), sv.end(), sel.step_min,
+                                   [&](uint32_t i, int64_t s) { return rows[i].step < s; });
+        for (auto it = lo; it != sv.end() && rows[*it].step <= sel.step_max; ++it)
+          if (sel.mode < 0 || static_cast<int>(rows[*it].mode) == sel.mode) out.push_back(*it);
+      }
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
   auto take = [&](std::size_t i) {
     const RecordRow& r = rows[i];
     if (!sel.name_ids.empty() && (r.name_id >= want_name.size() || !want_name[r.name_id])) return;

@@ -24,6 +24,7 @@
 #include "tensorvigil/error.h"
 #include "tensorvigil/store/codec.h"
 #include "tensorvigil/store/crc32c.h"
+#include "tensorvigil/store/tensor_index.h"
 
 namespace fs = std::filesystem;
 
@@ -315,15 +316,30 @@ struct StreamWriter::Impl {
     FrameHeader h;
     h.kind = FrameKind::kIndex;
     uint64_t at = cur_off();
-    write_frame(h, batch_bufs.emplace_back(encode_index_meta(index)), {});
+    const auto& imeta = batch_bufs.emplace_back(encode_index_meta(index));
+    write_frame(h, imeta, {});
     auto& foot = batch_bufs.emplace_back(kFooterSize);
     encode_footer(foot.data(), at, cur_off() - at, static_cast<uint32_t>(index.size()));
     queue(foot.data(), kFooterSize);
+    std::vector<uint8_t> tindex = opt.tensor_index ? tensor_index_bytes(imeta, h.meta_crc) : std::vector<uint8_t>{};
     flush_batch();
     if (opt.fsync && ::fsync(fd) != 0) throw Error(ErrorCode::kIo, os_error("fsync", shard_path, errno));
     ::close(fd);
     fd = -1;
+    // After the shard is sealed: a tensor index never describes a shard that is not.
+    if (!tindex.empty()) write_tensor_index_file(tensor_index_path(shard_path), tindex);
     ++seq;
+  }
+
+  /// The tensor index (FORMAT.md §3.8) of the shard being sealed, built from its index meta
+  /// with the reader's rules; empty if that fails (the file is optional, the shard is not).
+  std::vector<uint8_t> tensor_index_bytes(const std::vector<uint8_t>& imeta, uint32_t index_crc) {
+    try {
+      return encode_tensor_index(build_tensor_table(rank, seq, cur_off(), index_crc, imeta.data(),
+                                                    imeta.size(), "stream_writer " + shard_path));
+    } catch (const std::exception&) {
+      return {};
+    }
   }
 
   void write_job(Job& j) {

@@ -124,14 +124,26 @@ class RunReader {
   /// Opens `run_dir` (a directory holding rank-NNNNN/ stream directories) and reads what is
   /// committed. `strict`: corruption raises DataLoss; otherwise the scan of that shard stops
   /// there and the problem is listed in problems().
+  /// `lazy`: sealed shards with a tensor index (FORMAT.md §3.8) contribute their commits and
+  /// tensor names at once, and their records only when load() asks for them; every record
+  /// accessor (rows(), find(), select(), ...) sees loaded records only. A damaged or stale
+  /// tensor index is listed in problems() and the shard is read through its own index.
   /// Throws NotFound when `run_dir` does not exist.
-  explicit RunReader(const std::string& run_dir, bool strict = true);
+  explicit RunReader(const std::string& run_dir, bool strict = true, bool lazy = false);
   ~RunReader();
   RunReader(const RunReader&) = delete;
   RunReader& operator=(const RunReader&) = delete;
 
   /// Reads what was appended since the last call. Returns the number of newly committed steps.
   std::size_t refresh();
+
+  /// Lazy mode: true when every record of these tensors (all tensors when empty) is loaded.
+  bool loaded(const std::vector<uint32_t>& name_ids) const;
+  /// Lazy mode: loads the records of these tensors (all when empty) from every deferred shard.
+  /// Must not overlap other calls but read_value()/load_histograms() (like refresh()).
+  void load(const std::vector<uint32_t>& name_ids);
+  /// Records of deferred shards not loaded yet (0 unless lazy).
+  std::size_t num_deferred_records() const;
 
   std::vector<uint32_t> ranks() const;
   const std::vector<std::string>& names() const;

@@ -32,6 +32,9 @@ struct WriterOptions {
   double roll_seconds = 30.0;          ///< ... or when the open shard is older than this.
   int threads = 2;                     ///< Encoder threads (statistics + compression).
   bool fsync = true;                   ///< fsync each shard when it is sealed and on close.
+  /// Write a tensor index (`shard-N.tvt`, FORMAT.md §3.8) beside each sealed shard, so readers
+  /// can open a run and read one tensor without decoding every record.
+  bool tensor_index = true;
 };
 
 /// Counters for monitoring and benchmarks (a consistent snapshot).

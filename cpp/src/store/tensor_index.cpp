@@ -1,0 +1,442 @@
+#include "tensorvigil/store/tensor_index.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string_view>
+#include <unordered_map>
+
+#include "tensorvigil/error.h"
+#include "tensorvigil/internal/bytes.h"
+#include "tensorvigil/store/codec.h"
+#include "tensorvigil/store/crc32c.h"
+
+namespace tensorvigil::store {
+
+using internal::ByteReader;
+using internal::ByteWriter;
+
+namespace {
+
+[[noreturn]] void bad(const std::string& where, const std::string& what) {
+  throw_error(ErrorCode::kDataLoss, "[" + where + "] " + what);
+}
+
+Mode mode_of(uint8_t m, const std::string& where) {
+  if (m > static_cast<uint8_t>(Mode::kGlobal)) bad(where, "unknown mode " + std::to_string(m));
+  return static_cast<Mode>(m);
+}
+
+uint64_t shape_numel(const std::vector<int64_t>& s) {
+  uint64_t n = 1;
+  for (int64_t d : s) n *= static_cast<uint64_t>(d);
+  return n;
+}
+
+struct PendingRec {
+  uint32_t name;
+  TableRecord rec;
+};
+
+}  // namespace
+
+TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
+                               uint32_t index_crc, const uint8_t* index_meta, std::size_t len,
+                               const std::string& where) {
+  TensorTable t;
+  t.rank = rank;
+  t.seq = seq;
+  t.shard_size = shard_size;
+  t.index_crc = index_crc;
+  std::unordered_map<std::string_view, uint32_t> name_ids;  // views into index_meta
+  std::map<std::vector<int64_t>, uint32_t> shape_ids;
+  std::vector<PendingRec> pending;
+  std::string at;
+  for_each_index_entry(index_meta, len, where, [&](uint64_t off, const FrameHeader& h, const uint8_t* m) {
+    at = where + "@" + std::to_string(off);
+    switch (h.kind) {
+      case FrameKind::kTensor: {
+        TensorMetaView v;
+        decode_tensor_meta_view(m, h.meta_len, at, &v);
+        const bool has_payload = (h.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
+        if (has_payload && v.raw_nbytes > 0 && h.payload_len < container_header_size(1))
+          bad(at, "payload missing for tensor '" + std::string(v.name) + "'");
+        auto [it, fresh] = name_ids.emplace(v.name, static_cast<uint32_t>(t.names.size()));
+        if (fresh) {
+          t.names.emplace_back(v.name);
+          t.records.emplace_back();
+        }
+        std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
+        auto [sit, snew] = shape_ids.emplace(std::move(shape), static_cast<uint32_t>(t.shapes.size()));
+        if (snew) t.shapes.push_back(sit->first);
+        TableRecord r;
+        r.step = v.step;
+        r.mode_step = v.mode_step;
+        r.wall_time = v.wall_time;
+        r.raw_nbytes = v.raw_nbytes;
+        r.frame_offset = off;
+        r.payload_len = h.payload_len;
+        r.meta_len = h.meta_len;
+        r.meta_crc = h.meta_crc;
+        r.payload_crc = h.payload_crc;
+        r.shape = sit->second;
+        r.flags = h.flags;
+        r.mode = v.mode;
+        r.dtype = v.dtype;
+        r.codec = h.codec;
+        const auto& s = v.stats;
+        r.hists = s.has_hists();
+        r.numel = s.numel;
+        r.nan = s.nan;
+        r.posinf = s.posinf;
+        r.neginf = s.neginf;
+        r.zeros = s.zeros;
+        r.min = s.min;
+        r.max = s.max;
+        r.mean = s.mean;
+        r.m2 = s.m2;
+        r.abs_sum = s.abs_sum;
+        r.abs_max = s.abs_max;
+        pending.push_back(PendingRec{it->second, r});
+        break;
+      }
+      case FrameKind::kCommit: {
+        CommitMeta c = decode_commit_meta(m, h.meta_len, at);
+        const uint32_t ci = static_cast<uint32_t>(t.commits.size());
+        uint32_t n = 0;
+        std::size_t keep = 0;
+        for (std::size_t i = 0; i < pending.size(); ++i) {
+          if (pending[i].rec.step == c.step) {
+            pending[i].rec.commit = ci;
+            t.records[pending[i].name].push_back(pending[i].rec);
+            ++n;
+          } else {
+            pending[keep++] = pending[i];
+          }
+        }
+        pending.resize(keep);
+        t.commits.push_back(TableCommit{c.step, c.mode_step, c.wall_time, n, c.mode});
+        break;
+      }
+      case FrameKind::kEnd:
+        t.ended = true;
+        break;
+      case FrameKind::kIndex:
+        bad(at, "index lists an index frame");
+    }
+  });
+  // Frames still pending when the shard ends never become visible (§9.1 step 4).
+  return t;
+}
+
+std::vector<uint8_t> encode_tensor_index(const TensorTable& t) {
+  ByteWriter d;  // the directory
+  for (const TableCommit& c : t.commits) {
+    d.put<int64_t>(c.step);
+    d.put<int64_t>(c.mode_step);
+    d.put<double>(c.wall_time);
+    d.put<uint32_t>(c.num_tensors);
+    d.put<uint8_t>(static_cast<uint8_t>(c.mode));
+    d.put<uint8_t>(0);
+    d.put<uint16_t>(0);
+  }
+  for (const auto& s : t.shapes) {
+    d.put<uint8_t>(static_cast<uint8_t>(s.size()));
+    for (int64_t x : s) d.put<int64_t>(x);
+  }
+  // Blocks follow the directory; its size is known before the offsets are written.
+  uint64_t dir_len = d.bytes().size();
+  for (const auto& n : t.names) dir_len += 8 + 4 + 4 + 2 + n.size();
+  uint64_t off = kTensorIndexHeaderSize + dir_len;
+  ByteWriter b;  // the blocks
+  for (std::size_t k = 0; k < t.names.size(); ++k) {
+    const std::size_t start = b.bytes().size();
+    for (const TableRecord& r : t.records[k]) {
+      b.put<int64_t>(r.step);
+      b.put<int64_t>(r.mode_step);
+      b.put<double>(r.wall_time);
+      b.put<uint64_t>(r.raw_nbytes);
+      b.put<uint64_t>(r.frame_offset);
+      b.put<uint64_t>(r.payload_len);
+      b.put<uint32_t>(r.meta_len);
+      b.put<uint32_t>(r.meta_crc);
+      b.put<uint32_t>(r.payload_crc);
+      b.put<uint32_t>(r.shape);
+      b.put<uint32_t>(r.commit);
+      b.put<uint16_t>(r.flags);
+      b.put<uint8_t>(static_cast<uint8_t>(r.mode));
+      b.put<uint8_t>(static_cast<uint8_t>(r.dtype));
+      b.put<uint8_t>(static_cast<uint8_t>(r.codec));
+      b.put<uint8_t>(r.hists ? 1 : 0);
+      b.put<uint16_t>(0);
+      b.put<uint32_t>(0);
+      b.put<uint64_t>(r.numel);
+      b.put<uint64_t>(r.nan);
+      b.put<uint64_t>(r.posinf);
+      b.put<uint64_t>(r.neginf);
+      b.put<uint64_t>(r.zeros);
+      b.put<double>(r.min);
+      b.put<double>(r.max);
+      b.put<double>(r.mean);
+      b.put<double>(r.m2);
+      b.put<double>(r.abs_sum);
+      b.put<double>(r.abs_max);
+    }
+    const std::size_t bytes = b.bytes().size() - start;
+    d.put<uint64_t>(off + start);
+    d.put<uint32_t>(static_cast<uint32_t>(t.records[k].size()));
+    d.put<uint32_t>(crc32c(b.bytes().data() + start, bytes));
+    d.put<uint16_t>(static_cast<uint16_t>(t.names[k].size()));
+    d.put_bytes(t.names[k].data(), t.names[k].size());
+  }
+  ByteWriter h;
+  h.put_bytes(kTensorIndexMagic, 8);
+  h.put<uint16_t>(kFormatMajor);
+  h.put<uint16_t>(0);
+  h.put<uint32_t>(t.rank);
+  h.put<uint32_t>(t.seq);
+  h.put<uint32_t>(t.ended ? kTensorIndexEnded : 0);
+  h.put<uint64_t>(t.shard_size);
+  h.put<uint32_t>(t.index_crc);
+  h.put<uint32_t>(static_cast<uint32_t>(t.commits.size()));
+  h.put<uint32_t>(static_cast<uint32_t>(t.names.size()));
+  h.put<uint32_t>(static_cast<uint32_t>(t.shapes.size()));
+  h.put<uint64_t>(d.bytes().size());
+  h.put<uint32_t>(crc32c(d.bytes().data(), d.bytes().size()));
+  h.put<uint32_t>(crc32c(h.bytes().data(), h.bytes().size()));
+  std::vector<uint8_t> out = std::move(h.bytes());
+  out.insert(out.end(), d.bytes().begin(), d.bytes().end());
+  out.insert(out.end(), b.bytes().begin(), b.bytes().end());
+  return out;
+}
+
+uint64_t decode_tensor_index_header(const uint8_t* p, uint64_t file_size, const std::string& where,
+                                    TensorIndexDir* dir, uint32_t* dir_crc) {
+  if (file_size < kTensorIndexHeaderSize) bad(where, "tensor index is truncated");
+  if (std::memcmp(p, kTensorIndexMagic, 8) != 0) bad(where, "not a tensor index (bad magic)");
+  uint32_t hcrc;
+  std::memcpy(&hcrc, p + 60, 4);
+  if (crc32c(p, 60) != hcrc) bad(where, "tensor index header checksum mismatch");
+  ByteReader r(p + 8, 52, where);
+  const uint16_t major = r.get<uint16_t>();
+  r.get<uint16_t>();  // minor: any
+  if (major != kFormatMajor) bad(where, "tensor index of format major " + std::to_string(major));
+  dir->rank = r.get<uint32_t>();
+  dir->seq = r.get<uint32_t>();
+  const uint32_t flags = r.get<uint32_t>();
+  if (flags & ~kTensorIndexEnded) bad(where, "unknown tensor index flags");
+  dir->ended = (flags & kTensorIndexEnded) != 0;
+  dir->shard_size = r.get<uint64_t>();
+  dir->index_crc = r.get<uint32_t>();
+  const uint32_t ncommits = r.get<uint32_t>();
+  const uint32_t nnames = r.get<uint32_t>();
+  const uint32_t nshapes = r.get<uint32_t>();
+  const uint64_t dir_len = r.get<uint64_t>();
+  *dir_crc = r.get<uint32_t>();
+  dir->file_size = file_size;
+  if (dir_len > file_size - kTensorIndexHeaderSize) bad(where, "tensor index directory is truncated");
+  // Bound the counts by what the directory can hold before anything is reserved.
+  if (ncommits > dir_len / kTensorIndexCommitSize || nshapes > dir_len || nnames > dir_len / 19)
+    bad(where, "tensor index counts exceed its directory");
+  dir->commits.resize(ncommits);
+  dir->shapes.resize(nshapes);
+  dir->blocks.resize(nnames);
+  return dir_len;
+}
+
+void decode_tensor_index_dir(const uint8_t* p, std::size_t n, const std::string& where,
+                             TensorIndexDir* dir) {
+  ByteReader r(p, n, where);
+  for (TableCommit& c : dir->commits) {
+    c.step = r.get<int64_t>();
+    c.mode_step = r.get<int64_t>();
+    c.wall_time = r.get<double>();
+    c.num_tensors = r.get<uint32_t>();
+    c.mode = mode_of(r.get<uint8_t>(), where);
+    r.get<uint8_t>();
+    r.get<uint16_t>();
+    if (c.step < 0) bad(where, "negative step in tensor index");
+  }
+  for (auto& s : dir->shapes) {
+    const uint8_t ndim = r.get<uint8_t>();
+    if (ndim > kMaxNdim) bad(where, "too many dimensions in tensor index");
+    s.resize(ndim);
+    uint64_t numel = 1;
+    for (int64_t& x : s) {
+      x = r.get<int64_t>();
+      if (x < 0 || (x > 0 && numel > (uint64_t{1} << 48) / static_cast<uint64_t>(x)))
+        bad(where, "bad shape in tensor index");
+      numel *= static_cast<uint64_t>(x);
+    }
+  }
+  const uint64_t blocks_start = kTensorIndexHeaderSize + n;
+  for (TensorIndexBlock& b : dir->blocks) {
+    b.offset = r.get<uint64_t>();
+    b.count = r.get<uint32_t>();
+    b.crc = r.get<uint32_t>();
+    const uint16_t len = r.get<uint16_t>();
+    if (len == 0 || len > kMaxNameLen) bad(where, "bad tensor name length in tensor index");
+    b.name.assign(reinterpret_cast<const char*>(r.take(len)), len);
+    if (b.offset < blocks_start || b.offset > dir->file_size ||
+        b.count > (dir->file_size - b.offset) / kTensorIndexRecordSize)
+      bad(where, "tensor index block of '" + b.name + "' lies outside the file");
+  }
+  if (r.remaining()) bad(where, "trailing bytes in tensor index directory");
+}
+
+void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorIndexDir& dir,
+                                 const std::string& where, std::vector<TableRecord>* out) {
+  out->resize(count);
+  const uint64_t frames_end = dir.shard_size >= kFooterSize ? dir.shard_size - kFooterSize : 0;
+  for (uint32_t i = 0; i < count; ++i) {
+    ByteReader rd(p + static_cast<std::size_t>(i) * kTensorIndexRecordSize, kTensorIndexRecordSize, where);
+    TableRecord& r = (*out)[i];
+    r.step = rd.get<int64_t>();
+    r.mode_step = rd.get<int64_t>();
+    r.wall_time = rd.get<double>();
+    r.raw_nbytes = rd.get<uint64_t>();
+    r.frame_offset = rd.get<uint64_t>();
+    r.payload_len = rd.get<uint64_t>();
+    r.meta_len = rd.get<uint32_t>();
+    r.meta_crc = rd.get<uint32_t>();
+    r.payload_crc = rd.get<uint32_t>();
+    r.shape = rd.get<uint32_t>();
+    r.commit = rd.get<uint32_t>();
+    r.flags = rd.get<uint16_t>();
+    r.mode = mode_of(rd.get<uint8_t>(), where);
+    r.dtype = dtype_from_code(rd.get<uint8_t>());
+    const uint8_t codec = rd.get<uint8_t>();
+    const uint8_t hists = rd.get<uint8_t>();
+    rd.get<uint16_t>();
+    rd.get<uint32_t>();
+    r.numel = rd.get<uint64_t>();
+    r.nan = rd.get<uint64_t>();
+    r.posinf = rd.get<uint64_t>();
+    r.neginf = rd.get<uint64_t>();
+    r.zeros = rd.get<uint64_t>();
+    r.min = rd.get<double>();
+    r.max = rd.get<double>();
+    r.mean = rd.get<double>();
+    r.m2 = rd.get<double>();
+    r.abs_sum = rd.get<double>();
+    r.abs_max = rd.get<double>();
+    if (codec > static_cast<uint8_t>(Codec::kShuffleZstd) || hists > 1 ||
+        (r.flags & ~(kFlagStatsOnly | kFlagDropped)))
+      bad(where, "bad codec or flags in tensor index record " + std::to_string(i));
+    r.codec = static_cast<Codec>(codec);
+    r.hists = hists != 0;
+    if (r.shape >= dir.shapes.size() || r.commit >= dir.commits.size() ||
+        dir.commits[r.commit].step != r.step || r.step < 0)
+      bad(where, "tensor index record " + std::to_string(i) + " names no shape or commit of its step");
+    if (r.raw_nbytes != shape_numel(dir.shapes[r.shape]) * dtype_size(r.dtype))
+      bad(where, "byte count does not match shape and dtype in tensor index");
+    if (r.nan > r.numel || r.posinf > r.numel - r.nan || r.neginf > r.numel - r.nan - r.posinf ||
+        r.zeros > r.numel)
+      bad(where, "inconsistent statistics counts in tensor index");
+    if (r.meta_len > kMaxMetaLen || r.payload_len > kMaxPayloadLen ||
+        r.frame_offset < kShardHeaderSize ||
+        r.frame_offset + kFrameHeaderSize + r.meta_len + r.payload_len > frames_end)
+      bad(where, "tensor index record " + std::to_string(i) + " points outside its shard");
+    const bool has_payload = (r.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
+    if (has_payload && r.raw_nbytes > 0 && r.payload_len < container_header_size(1))
+      bad(where, "payload missing in tensor index record " + std::to_string(i));
+  }
+}
+
+namespace {
+
+bool pread_all(int fd, void* buf, std::size_t n, uint64_t off) {
+  auto* p = static_cast<uint8_t*>(buf);
+  while (n) {
+    ssize_t r = ::pread(fd, p, n, static_cast<off_t>(off));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<std::size_t>(r);
+    off += static_cast<uint64_t>(r);
+  }
+  return true;
+}
+
+}  // namespace
+
+TensorTable read_tensor_index(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) throw_error(ErrorCode::kNotFound, "[tensor_index] no file '" + path + "'");
+    throw_error(ErrorCode::kIo, "[tensor_index] '" + path + "': " + std::strerror(errno));
+  }
+  struct stat st;
+  std::vector<uint8_t> buf;
+  bool ok = ::fstat(fd, &st) == 0;
+  if (ok) {
+    buf.resize(static_cast<std::size_t>(st.st_size));
+    ok = pread_all(fd, buf.data(), buf.size(), 0);
+  }
+  ::close(fd);
+  const std::string where = "tensor_index " + path;
+  if (!ok) bad(where, "cannot read the tensor index");
+  TensorIndexDir dir;
+  uint32_t dir_crc;
+  const uint64_t dir_len = decode_tensor_index_header(buf.data(), buf.size(), where, &dir, &dir_crc);
+  const uint8_t* dp = buf.data() + kTensorIndexHeaderSize;
+  if (crc32c(dp, dir_len) != dir_crc) bad(where, "tensor index directory checksum mismatch");
+  decode_tensor_index_dir(dp, dir_len, where, &dir);
+  TensorTable t;
+  t.rank = dir.rank;
+  t.seq = dir.seq;
+  t.shard_size = dir.shard_size;
+  t.index_crc = dir.index_crc;
+  t.ended = dir.ended;
+  t.commits = dir.commits;
+  t.shapes = dir.shapes;
+  uint64_t expect = kTensorIndexHeaderSize + dir_len;
+  for (const TensorIndexBlock& b : dir.blocks) {
+    const uint64_t bytes = uint64_t{b.count} * kTensorIndexRecordSize;
+    if (b.offset != expect) bad(where, "tensor index blocks leave a hole or overlap");
+    if (crc32c(buf.data() + b.offset, bytes) != b.crc)
+      bad(where, "tensor index block of '" + b.name + "' checksum mismatch");
+    t.names.push_back(b.name);
+    t.records.emplace_back();
+    decode_tensor_index_records(buf.data() + b.offset, b.count, dir, where, &t.records.back());
+    expect += bytes;
+  }
+  if (expect != buf.size()) bad(where, "trailing bytes after the tensor index blocks");
+  return t;
+}
+
+bool write_tensor_index_file(const std::string& path, const std::vector<uint8_t>& bytes) {
+  const std::string tmp = path + ".tmp";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return false;
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) break;
+    done += static_cast<std::size_t>(w);
+  }
+  const bool ok = ::close(fd) == 0 && done == bytes.size() && ::rename(tmp.c_str(), path.c_str()) == 0;
+  if (!ok) ::unlink(tmp.c_str());
+  return ok;
+}
+
+std::string tensor_index_file_name(uint32_t seq) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "shard-%08u.tvt", seq);
+  return buf;
+}
+
+std::string tensor_index_path(const std::string& shard_path) {
+  std::string p = shard_path;
+  if (p.size() >= 4 && p.compare(p.size() - 4, 4, ".tvs") == 0) p.back() = 't';
+  else p += ".tvt";
+  return p;
+}
+
+}  // namespace tensorvigil::store
