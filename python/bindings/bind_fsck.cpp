@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "tensorvigil/store/fsck.h"
+#include "tensorvigil/store/tensor_index.h"
 
 namespace py = pybind11;
 
@@ -81,6 +82,35 @@ Raises:
     InvalidArgumentError: ``upto`` is not a boundary of valid frames.
     StoreIOError: on OS errors (``out_path`` exists, disk full ...).
 )doc");
+  m.def(
+      "fsck_check_tensor_index",
+      [](const std::string& shard_path, uint32_t rank, uint32_t seq) {
+        store::TensorIndexCheck c;
+        {
+          py::gil_scoped_release nogil;
+          c = store::check_tensor_index(shard_path, rank, seq);
+        }
+        return py::make_tuple(c.state, c.message);
+      },
+      py::arg("shard_path"), py::arg("rank"), py::arg("seq"),
+      R"doc(Compares a shard's tensor index (``shard-N.tvt``) with what its INDEX frame gives.
+
+Returns:
+    ``(state, message)``: state is "ok", "absent", "corrupt", "stale" or "orphan" (the shard
+    is not sealed).
+
+Raises:
+    DataCorruptionError: the shard's own index is corrupt.
+)doc");
+  m.def(
+      "fsck_rewrite_tensor_index",
+      [](const std::string& shard_path, uint32_t rank, uint32_t seq) {
+        py::gil_scoped_release nogil;
+        return store::rewrite_tensor_index(shard_path, rank, seq);
+      },
+      py::arg("shard_path"), py::arg("rank"), py::arg("seq"),
+      "Rewrites a sealed shard's tensor index from its INDEX frame (atomically), or removes it "
+      "when the shard is not sealed. Returns True when a file was written.");
 }
 
 }  // namespace tensorvigil::py_bind

@@ -56,6 +56,7 @@ def test_hostile_tensor_names_stay_inside_frames(tmp_path):
         "deep/run/manifest.json",
         "deep/run/rank-00000",
         "deep/run/rank-00000/shard-00000000.tvs",
+        "deep/run/rank-00000/shard-00000000.tvt",
         "deep/run/rank-00000/writer.lock",
     ]
     assert not Path("/tmp/escape").exists()

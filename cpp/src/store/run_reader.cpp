@@ -487,7 +487,7 @@ struct RunReader::Impl {
       uint32_t dir_crc;
       const uint64_t dir_len = decode_tensor_index_header(th, tsize, where, &d.dir, &dir_crc);
       if (d.dir.rank != st.rank || d.dir.seq != sh.seq || d.dir.shard_size != size ||
-          d.dir.index_crc != ih.meta_crc)
+          d.dir.index_crc != ih.meta_crc || d.dir.num_frames != nframes)
         corrupt("[" + where + "] tensor index does not describe this shard (stale)");
       std::vector<uint8_t> dbuf(dir_len);
       if (!pread_full(t.fd, dbuf.data(), dir_len, kTensorIndexHeaderSize, tpath) ||
@@ -552,27 +552,14 @@ struct RunReader::Impl {
       problems.push_back(std::string(e.what()) + " (read through the shard's index instead)");
     }
     // Fall back to the shard's index (the shard is checked as a sealed read would).
-    Fd f(path);
-    if (f.fd < 0) throw Error(ErrorCode::kIo, "[run_reader.open] '" + path + "': " + std::strerror(errno));
-    const uint64_t size = file_size(f.fd, path);
-    uint8_t foot[kFooterSize];
-    uint64_t ioff, ilen;
-    uint32_t nframes;
+    std::vector<uint8_t> meta;
+    uint32_t icrc;
+    uint64_t size;
     const std::string iwhere = "run_reader " + path + " index";
-    if (size != d.dir.shard_size || !pread_full(f.fd, foot, kFooterSize, size - kFooterSize, path) ||
-        !decode_footer(foot, &ioff, &ilen, &nframes) || ioff + ilen != size - kFooterSize ||
-        ilen < kFrameHeaderSize)
+    if (!read_shard_index(path, &meta, &icrc, &size) || size != d.dir.shard_size)
       corrupt("[" + iwhere + "] the sealed shard changed since it was opened");
-    std::vector<uint8_t> meta(ilen - kFrameHeaderSize);
-    FrameHeader h;
-    uint8_t hb[kFrameHeaderSize];
-    if (!pread_full(f.fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &h) ||
-        h.kind != FrameKind::kIndex || h.total() != ilen ||
-        !pread_full(f.fd, meta.data(), meta.size(), ioff + kFrameHeaderSize, path) ||
-        crc32c(meta.data(), meta.size()) != h.meta_crc)
-      corrupt("[" + iwhere + "] bad index frame");
-    TensorTable tt = build_tensor_table(d.rank, shard_seq[d.shard_id], size, h.meta_crc,
-                                        meta.data(), meta.size(), iwhere);
+    TensorTable tt = build_tensor_table(d.rank, shard_seq[d.shard_id], size, icrc, meta.data(),
+                                        meta.size(), iwhere);
     // Both number the shard's COMMIT frames in file order; the commits were taken from the
     // tensor index's directory, so they must agree.
     bool same = tt.commits.size() == d.dir.commits.size();
@@ -768,8 +755,10 @@ struct RunReader::Impl {
     }
     // Reserve the record table once for every sealed shard still to read (their footers give
     // the frame counts): growing it shard by shard copied it and faulted in fresh pages twice.
+    // Not for a lazy reader: most shards will be deferred.
     std::size_t frames = 0;
     for (auto& [seq, sh] : st.shards) {
+      if (lazy) break;
       if (sh.done || sh.header_ok) continue;
       const std::string& path = shard_paths[sh.id];
       Fd f(path);

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <string_view>
 #include <unordered_map>
@@ -57,7 +58,7 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
   std::map<std::vector<int64_t>, uint32_t> shape_ids;
   std::vector<PendingRec> pending;
   std::string at;
-  for_each_index_entry(index_meta, len, where, [&](uint64_t off, const FrameHeader& h, const uint8_t* m) {
+  t.num_frames = for_each_index_entry(index_meta, len, where, [&](uint64_t off, const FrameHeader& h, const uint8_t* m) {
     at = where + "@" + std::to_string(off);
     switch (h.kind) {
       case FrameKind::kTensor: {
@@ -208,6 +209,8 @@ std::vector<uint8_t> encode_tensor_index(const TensorTable& t) {
   h.put<uint32_t>(static_cast<uint32_t>(t.shapes.size()));
   h.put<uint64_t>(d.bytes().size());
   h.put<uint32_t>(crc32c(d.bytes().data(), d.bytes().size()));
+  h.put<uint32_t>(t.num_frames);
+  h.put<uint32_t>(0);
   h.put<uint32_t>(crc32c(h.bytes().data(), h.bytes().size()));
   std::vector<uint8_t> out = std::move(h.bytes());
   out.insert(out.end(), d.bytes().begin(), d.bytes().end());
@@ -220,9 +223,9 @@ uint64_t decode_tensor_index_header(const uint8_t* p, uint64_t file_size, const 
   if (file_size < kTensorIndexHeaderSize) bad(where, "tensor index is truncated");
   if (std::memcmp(p, kTensorIndexMagic, 8) != 0) bad(where, "not a tensor index (bad magic)");
   uint32_t hcrc;
-  std::memcpy(&hcrc, p + 60, 4);
-  if (crc32c(p, 60) != hcrc) bad(where, "tensor index header checksum mismatch");
-  ByteReader r(p + 8, 52, where);
+  std::memcpy(&hcrc, p + 68, 4);
+  if (crc32c(p, 68) != hcrc) bad(where, "tensor index header checksum mismatch");
+  ByteReader r(p + 8, 60, where);
   const uint16_t major = r.get<uint16_t>();
   r.get<uint16_t>();  // minor: any
   if (major != kFormatMajor) bad(where, "tensor index of format major " + std::to_string(major));
@@ -238,6 +241,8 @@ uint64_t decode_tensor_index_header(const uint8_t* p, uint64_t file_size, const 
   const uint32_t nshapes = r.get<uint32_t>();
   const uint64_t dir_len = r.get<uint64_t>();
   *dir_crc = r.get<uint32_t>();
+  dir->num_frames = r.get<uint32_t>();
+  r.get<uint32_t>();  // reserved
   dir->file_size = file_size;
   if (dir_len > file_size - kTensorIndexHeaderSize) bad(where, "tensor index directory is truncated");
   // Bound the counts by what the directory can hold before anything is reserved.
@@ -392,6 +397,7 @@ TensorTable read_tensor_index(const std::string& path) {
   t.seq = dir.seq;
   t.shard_size = dir.shard_size;
   t.index_crc = dir.index_crc;
+  t.num_frames = dir.num_frames;
   t.ended = dir.ended;
   t.commits = dir.commits;
   t.shapes = dir.shapes;
@@ -424,6 +430,98 @@ bool write_tensor_index_file(const std::string& path, const std::vector<uint8_t>
   const bool ok = ::close(fd) == 0 && done == bytes.size() && ::rename(tmp.c_str(), path.c_str()) == 0;
   if (!ok) ::unlink(tmp.c_str());
   return ok;
+}
+
+bool read_shard_index(const std::string& path, std::vector<uint8_t>* meta, uint32_t* crc,
+                      uint64_t* size) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_error(ErrorCode::kIo, "[tensor_index] '" + path + "': " + std::strerror(errno));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0)
+    throw_error(ErrorCode::kIo, "[tensor_index] '" + path + "': " + std::strerror(errno));
+  *size = static_cast<uint64_t>(st.st_size);
+  uint8_t foot[kFooterSize];
+  uint64_t ioff, ilen;
+  uint32_t nframes;
+  if (*size < kShardHeaderSize + kFooterSize || !pread_all(fd, foot, kFooterSize, *size - kFooterSize) ||
+      !decode_footer(foot, &ioff, &ilen, &nframes))
+    return false;
+  const std::string where = "tensor_index " + path + " index";
+  if (ioff < kShardHeaderSize || ilen < kFrameHeaderSize || ioff + ilen != *size - kFooterSize)
+    bad(where, "footer points outside the file");
+  uint8_t hb[kFrameHeaderSize];
+  FrameHeader h;
+  if (!pread_all(fd, hb, kFrameHeaderSize, ioff) || !decode_frame_header(hb, &h) ||
+      h.kind != FrameKind::kIndex || h.total() != ilen)
+    bad(where, "bad index frame header");
+  meta->resize(h.meta_len);
+  if (!pread_all(fd, meta->data(), h.meta_len, ioff + kFrameHeaderSize) ||
+      crc32c(meta->data(), h.meta_len) != h.meta_crc)
+    bad(where, "index checksum mismatch");
+  *crc = h.meta_crc;
+  return true;
+}
+
+namespace {
+/// The tensor index bytes of a sealed shard, or nothing when it is not sealed.
+bool expected_tensor_index(const std::string& shard_path, uint32_t rank, uint32_t seq,
+                           std::vector<uint8_t>* out) {
+  std::vector<uint8_t> meta;
+  uint32_t crc;
+  uint64_t size;
+  if (!read_shard_index(shard_path, &meta, &crc, &size)) return false;
+  *out = encode_tensor_index(build_tensor_table(rank, seq, size, crc, meta.data(), meta.size(),
+                                                "tensor_index " + shard_path));
+  return true;
+}
+}  // namespace
+
+TensorIndexCheck check_tensor_index(const std::string& shard_path, uint32_t rank, uint32_t seq) {
+  const std::string tpath = tensor_index_path(shard_path);
+  TensorIndexCheck c;
+  std::error_code ec;
+  if (!std::filesystem::exists(tpath, ec)) {
+    c.state = "absent";
+    return c;
+  }
+  std::vector<uint8_t> want;
+  if (!expected_tensor_index(shard_path, rank, seq, &want)) {
+    c.state = "orphan";
+    c.message = "the shard is not sealed, so it has no tensor index";
+    return c;
+  }
+  TensorTable got;
+  try {
+    got = read_tensor_index(tpath);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::kDataLoss) throw;
+    c.state = "corrupt";
+    c.message = e.what();
+    return c;
+  }
+  if (encode_tensor_index(got) != want) {
+    c.state = "stale";
+    c.message = "'" + tpath + "' does not match the shard's index";
+    return c;
+  }
+  c.state = "ok";
+  return c;
+}
+
+bool rewrite_tensor_index(const std::string& shard_path, uint32_t rank, uint32_t seq) {
+  const std::string tpath = tensor_index_path(shard_path);
+  std::vector<uint8_t> want;
+  if (!expected_tensor_index(shard_path, rank, seq, &want)) {
+    ::unlink(tpath.c_str());
+    return false;
+  }
+  if (!write_tensor_index_file(tpath, want))
+    throw_error(ErrorCode::kIo, "[tensor_index] cannot write '" + tpath + "'");
+  return true;
 }
 
 std::string tensor_index_file_name(uint32_t seq) {

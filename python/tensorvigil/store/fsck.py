@@ -10,7 +10,9 @@ that point is saved to ``shard-NNNNNNNN.tvs.tail-OFFSET`` beside it, and the new
 the old one atomically (temporary file, fsync, rename). A rank whose writer is alive
 (``writer.lock`` held) is only checked (its open shard is reported as ``live``), never
 repaired; while repairing a rank fsck holds its lock shared, so no writer can start on it
-meanwhile. See docs/RELIABILITY.md.
+meanwhile. A sealed shard's tensor index (``shard-NNNNNNNN.tvt``, FORMAT.md §3.8) is compared
+byte for byte with what the shard's index gives; a damaged or stale one is rewritten by a
+repair (a missing one is not a problem: readers do without it). See docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class ShardReport:
     action: str = ""
     #: Whether a repair rebuilds this shard's index (it has none, or a damaged one).
     needs_repair: bool = False
+    #: The tensor index beside the shard: "ok", "absent", "corrupt", "stale" (another shard's
+    #: or an older one), "orphan" (the shard is not sealed) or "" (not checked: live shard).
+    tensor_index: str = ""
 
 
 @dataclass
@@ -101,6 +106,7 @@ class FsckReport:
                     "values_checked": s.values_checked,
                     "discard_frames": s.discard_frames,
                     "discard_bytes": s.discard_bytes,
+                    "tensor_index": s.tensor_index,
                     "problems": list(s.problems),
                     "action": s.action,
                 }
@@ -267,14 +273,45 @@ def fsck(run_dir: str, *, repair: bool = False, verify_values: bool = True) -> F
                 except TensorVigilError as e:
                     report.problems.append(str(e))
                     continue
-                report.shards.append(_judge(path, rank, seq, chk, live=lock.live and last))
+                live = lock.live and last
+                report.shards.append(_judge(path, rank, seq, chk, live=live))
                 rep = report.shards[-1]
-                if repair and rep.needs_repair and not lock.live and lock.fd is not None:
+                can_repair = repair and not lock.live and lock.fd is not None
+                repaired = False
+                if can_repair and rep.needs_repair:
                     _repair(rep, chk)
+                    repaired = True
+                if rep.state not in ("live", "empty"):
+                    _check_tensor_index(rep, can_repair, repaired)
+                if rep.action:
                     report.repaired.append(f"{path}: {rep.action}")
         finally:
             lock.close()
     return report
+
+
+def _check_tensor_index(rep: ShardReport, can_repair: bool, shard_repaired: bool) -> None:
+    """Checks (and with ``can_repair``, rewrites) the shard's tensor index."""
+    if shard_repaired:  # the shard changed: its tensor index is rebuilt from the new index
+        if _core.fsck_rewrite_tensor_index(rep.path, rep.rank, rep.seq):
+            rep.action += "; rewrote its tensor index"
+        rep.tensor_index = "ok"
+        return
+    try:
+        state, message = _core.fsck_check_tensor_index(rep.path, rep.rank, rep.seq)
+    except TensorVigilError:
+        return  # the shard's own index is damaged: reported above, a repair rebuilds both
+    rep.tensor_index = state
+    if state in ("ok", "absent"):
+        return
+    rep.problems.append(f"tensor index {state}: {message}")
+    if rep.state == "ok":
+        rep.state = "damaged"
+    rep.needs_repair = True
+    if can_repair:
+        wrote = _core.fsck_rewrite_tensor_index(rep.path, rep.rank, rep.seq)
+        rep.action = "rewrote the tensor index" if wrote else "removed the orphan tensor index"
+        rep.tensor_index = "ok" if wrote else "absent"
 
 
 def _judge(path: str, rank: int, seq: int, chk: dict, live: bool) -> ShardReport:

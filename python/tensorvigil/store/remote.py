@@ -25,6 +25,7 @@ MinIO and Ceph all work. ``s3://`` needs ``boto3`` (``pip install "tensorvigil[s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -531,6 +532,10 @@ class Uploader:
             if not (_sealed_local(path) or final or newer):
                 left = True
                 break  # keep seq order: later shards wait for this one
+            # Its tensor index first (FORMAT.md §3.8): whoever sees the shard finds it too.
+            tindex = path[:-1] + "t"
+            if os.path.exists(tindex):
+                self.store.put_file(key[:-1] + "t", tindex)
             self.store.put_file(key, path)
             self._uploaded.add(key)
             self.uploads += 1
@@ -592,6 +597,9 @@ class Uploader:
         shards = _shards(rank_dir)
         for _seq, name in shards[:-1]:
             os.unlink(os.path.join(rank_dir, name))
+        for _seq, name in shards:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(rank_dir, name[:-1] + "t"))
         if shards:
             open(os.path.join(rank_dir, shards[-1][1]), "wb").close()
 

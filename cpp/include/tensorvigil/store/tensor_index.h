@@ -18,7 +18,7 @@
 namespace tensorvigil::store {
 
 inline constexpr char kTensorIndexMagic[8] = {'T', 'V', 'T', 'I', 'N', 'D', 'E', 'X'};
-inline constexpr std::size_t kTensorIndexHeaderSize = 64;
+inline constexpr std::size_t kTensorIndexHeaderSize = 72;
 inline constexpr std::size_t kTensorIndexCommitSize = 32;
 inline constexpr std::size_t kTensorIndexRecordSize = 168;
 inline constexpr uint32_t kTensorIndexEnded = 1u;  ///< Header flag: the shard holds an END frame.
@@ -60,6 +60,7 @@ struct TensorTable {
   uint32_t seq = 0;
   uint64_t shard_size = 0;
   uint32_t index_crc = 0;  ///< meta_crc of the shard's INDEX frame.
+  uint32_t num_frames = 0;  ///< Entries of the shard's index (its footer's num_frames).
   bool ended = false;
   std::vector<TableCommit> commits;
   std::vector<std::vector<int64_t>> shapes;
@@ -91,6 +92,7 @@ struct TensorIndexDir {
   uint32_t rank = 0, seq = 0;
   uint64_t shard_size = 0;
   uint32_t index_crc = 0;
+  uint32_t num_frames = 0;
   bool ended = false;
   uint64_t file_size = 0;
   std::vector<TableCommit> commits;
@@ -98,7 +100,7 @@ struct TensorIndexDir {
   std::vector<TensorIndexBlock> blocks;
 };
 
-/// Checks and decodes the 64-byte header; returns the directory length and sets `dir_crc`.
+/// Checks and decodes the 72-byte header; returns the directory length and sets `dir_crc`.
 /// DataLoss when it is not a valid tensor index header or the sizes cannot fit `file_size`.
 uint64_t decode_tensor_index_header(const uint8_t* p, uint64_t file_size, const std::string& where,
                                     TensorIndexDir* dir, uint32_t* dir_crc);
@@ -118,6 +120,30 @@ TensorTable read_tensor_index(const std::string& path);
 /// Writes `bytes` to `path` atomically (temp file, rename; no fsync: a torn file fails its
 /// checksums and is ignored). Returns false, leaving nothing behind, when it cannot.
 bool write_tensor_index_file(const std::string& path, const std::vector<uint8_t>& bytes);
+
+/// Reads the INDEX frame meta of the sealed shard at `path` (footer, then index frame, checked
+/// as §9.2 does): sets `meta`, its checksum `crc` and the shard's `size`. Returns false when the
+/// shard is not sealed (no valid footer); DataLoss when the footer points at a bad index.
+bool read_shard_index(const std::string& path, std::vector<uint8_t>* meta, uint32_t* crc,
+                      uint64_t* size);
+
+/// What fsck says of a shard's tensor index.
+struct TensorIndexCheck {
+  /// "ok" (byte for byte what the shard's index gives), "absent" (no file), "corrupt" (fails
+  /// its own checks), "stale" (valid, but not the shard's: another shard's, or an older one),
+  /// or "orphan" (the shard is not sealed, so it cannot have one).
+  std::string state;
+  std::string message;  ///< Why, for corrupt and stale.
+};
+
+/// Compares the tensor index of the shard at `shard_path` with the one its INDEX frame gives.
+/// Throws DataLoss when the shard's own index is corrupt (fsck reports that separately).
+TensorIndexCheck check_tensor_index(const std::string& shard_path, uint32_t rank, uint32_t seq);
+
+/// (Re)writes the tensor index of the sealed shard at `shard_path` from its INDEX frame;
+/// removes it when the shard is not sealed. Returns true when a file was written.
+/// Throws DataLoss when the shard's index is corrupt, Io when the file cannot be written.
+bool rewrite_tensor_index(const std::string& shard_path, uint32_t rank, uint32_t seq);
 
 /// File name of shard `seq`'s tensor index: "shard-00000042.tvt".
 std::string tensor_index_file_name(uint32_t seq);
