@@ -19,7 +19,7 @@ from .remote import is_remote
 MANIFEST_NAME = "manifest.json"
 _MODE_CODES = {"train": 0, "eval": 1, "predict": 2, "global": 3}
 FORMAT_NAME = "tensorvigil-store"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 
 
 def write_manifest(run_dir: str) -> None:
