@@ -38,7 +38,7 @@ std::unique_ptr<StreamWriter> write_scenario(const std::string& dir, bool live) 
   auto a = tvtest::random_floats(16, 1);
   auto b = tvtest::random_floats(16, 2);
   WriterOptions o;
-  o.roll_bytes = 1500;
+  o.roll_bytes = 2500;
   o.codec = Codec::kRaw;
   {
     StreamWriter w0(dir, 0, o);
@@ -47,6 +47,8 @@ std::unique_ptr<StreamWriter> write_scenario(const std::string& dir, bool live) 
     for (int s = 0; s < 12; ++s) {
       w0.write_tensor("x", s + 1, Mode::kTrain, s + 1, view_of(a, {16}));  // before commit s
       w0.write_tensor("y", s, Mode::kTrain, s, view_of(b, {4, 4}), /*stats_only=*/s % 3 == 0);
+      for (const char* n : {"w0", "w1", "w2"})  // so that one tensor is a small part of a shard
+        w0.write_tensor(n, s, Mode::kTrain, s, view_of(a, {2, 8}), /*stats_only=*/true);
       w0.commit_step(s, Mode::kTrain, s);
       w1.write_tensor("x", s, Mode::kTrain, s, view_of(a, {4, 4}));
       if (s % 2) w1.write_tensor("z", s, Mode::kEval, s, view_of(b, {16}));
@@ -199,6 +201,17 @@ TEST(TensorIndex, LazyReaderSeesWhatAnEagerReaderSees) {
     ezsel.name_ids = {static_cast<uint32_t>(eager.name_id("z"))};
     EXPECT_EQ(everything(lazy, lazy.select(zsel)), everything(eager, eager.select(ezsel)));
     for (const auto& row : lazy.rows()) EXPECT_TRUE(row.name_id == z || row.rank == 1) << "only z loaded";
+    {
+      // A step range over what is loaded so far (spans are rebuilt only once all is loaded).
+      Selection range;
+      range.step_min = 3;
+      range.step_max = 7;
+      std::vector<std::size_t> want;
+      for (std::size_t i = 0; i < lazy.num_records(); ++i)
+        if (lazy.row(i).step >= 3 && lazy.row(i).step <= 7) want.push_back(i);
+      EXPECT_FALSE(want.empty());
+      EXPECT_EQ(lazy.select(range), want);
+    }
     lazy.load({});
     EXPECT_TRUE(lazy.loaded({}));
     EXPECT_EQ(lazy.num_deferred_records(), 0u);
@@ -248,8 +261,10 @@ namespace {
 std::vector<std::string> read_tampered(const std::string& dir) {
   RunReader eager(dir, true, false);
   RunReader lazy(dir, true, true);
-  lazy.load({static_cast<uint32_t>(lazy.name_id("x"))});
-  lazy.load({});
+  // One tensor at a time: each is a small part of its shards, so its blocks are read (a load
+  // of most of a shard goes through the shard's own index instead).
+  for (uint32_t id = 0; id < lazy.names().size(); ++id) lazy.load({id});
+  EXPECT_TRUE(lazy.loaded({}));
   expect_same_commits(eager, lazy);
   EXPECT_EQ(everything(lazy, all_rows(lazy)), everything(eager, all_rows(eager)));
   return lazy.problems();
@@ -289,6 +304,29 @@ TEST(TensorIndex, DamagedStaleOrForgedIndexesAreNotTrusted) {
   for (const auto& p : problems) all += p + "\n";
   EXPECT_NE(all.find("checksum mismatch"), std::string::npos) << all;
   EXPECT_NE(all.find("stale"), std::string::npos) << all;
+}
+
+TEST(TensorIndex, LoadingMostOfAShardFallsBackToItsTensorIndexWhenTheShardIndexIsDamaged) {
+  tvtest::TempDir dir;
+  write_scenario(dir.path(), false);
+  std::map<Key, Seen> want;
+  {
+    RunReader eager(dir.path(), true, false);
+    want = everything(eager, all_rows(eager));
+  }
+  const std::string shard = files_with(dir.path(), ".tvs")[0];
+  auto bytes = tvtest::read_file(shard);
+  uint64_t ioff, ilen;
+  uint32_t n;
+  ASSERT_TRUE(decode_footer(bytes.data() + bytes.size() - kFooterSize, &ioff, &ilen, &n));
+  bytes[ioff + kFrameHeaderSize + 60] ^= 0x01;  // inside the INDEX frame's meta
+  tvtest::write_file(shard, bytes);
+  EXPECT_THROW(RunReader(dir.path(), true, false), Error);  // an eager strict reader refuses it
+  RunReader lazy(dir.path(), true, true);
+  lazy.load({});
+  EXPECT_EQ(everything(lazy, all_rows(lazy)), want);
+  ASSERT_EQ(lazy.problems().size(), 1u);
+  EXPECT_NE(lazy.problems()[0].find("read through its tensor index instead"), std::string::npos);
 }
 
 TEST(TensorIndex, RecordsThatPassTheirChecksumsAreStillValidated) {

@@ -125,6 +125,9 @@ struct RunReader::Impl {
   // (finish_spans); spans_sorted of them are in order.
   std::vector<Span> spans;
   std::size_t spans_sorted = 0;
+  // Records loaded a tensor at a time (load_deferred) get no spans: spans are rebuilt from the
+  // table once everything is loaded, and select() scans the table meanwhile.
+  bool spans_stale = false;
   // Lazy mode: sealed shards with a tensor index (FORMAT.md §3.8) are deferred. Their commits
   // and names are known at once; a tensor's records enter the table when a query asks for it.
   struct Block {
@@ -146,6 +149,7 @@ struct RunReader::Impl {
   std::vector<uint32_t> unloaded_of_name;  // blocks of the name not loaded yet
   uint64_t unloaded_total = 0;
   std::vector<uint32_t> shard_seq;  // seq of each shard of shard_paths
+  bool replaying = false;  // replay_deferred(): commits are known already
   std::vector<StepInfo> commits;
   std::vector<std::string> shard_paths;
   std::vector<std::string> problems;
@@ -242,8 +246,26 @@ struct RunReader::Impl {
     return true;
   }
 
+  /// Spans of the whole table, from scratch: one per run of rows of the same step.
+  void rebuild_spans() {
+    spans.clear();
+    for (std::size_t i = 0; i < rows.size();) {
+      std::size_t j = i + 1;
+      while (j < rows.size() && rows[j].step == rows[i].step) ++j;
+      spans.push_back(Span{rows[i].step, static_cast<uint32_t>(i), static_cast<uint32_t>(j - i)});
+      i = j;
+    }
+    std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.step < b.step; });
+    spans_sorted = spans.size();
+    spans_stale = false;
+  }
+
   /// Puts the spans appended since the last call in order (a merge: new spans usually follow).
   void finish_spans() {
+    if (spans_stale) {
+      if (unloaded_total == 0) rebuild_spans();
+      return;
+    }
     if (spans_sorted == spans.size()) return;
     auto by_step = [](const Span& a, const Span& b) { return a.step < b.step; };
     auto mid = spans.begin() + static_cast<std::ptrdiff_t>(spans_sorted);
@@ -346,8 +368,10 @@ struct RunReader::Impl {
         const uint32_t added = static_cast<uint32_t>(rows.size()) - first;
         if (added) spans.push_back(Span{c.step, first, added});
         st.pending.erase(it, st.pending.end());
-        commits.push_back(StepInfo{st.rank, c.step, c.mode_step, c.mode, c.wall_time, n});
-        ++*new_steps;
+        if (!replaying) {  // a deferred shard's commits came from its tensor index
+          commits.push_back(StepInfo{st.rank, c.step, c.mode_step, c.mode, c.wall_time, n});
+          ++*new_steps;
+        }
         return true;
       }
       case FrameKind::kEnd:
@@ -524,11 +548,19 @@ struct RunReader::Impl {
     return true;
   }
 
-  /// The records of blocks `which` of deferred shard `d`, read from its tensor index; or, when
-  /// that fails its checksums, rebuilt from the shard's own index. Their `shape` is an id of
-  /// the reader's shape table.
-  std::vector<std::vector<TableRecord>> read_blocks(const Deferred& d, const std::vector<uint32_t>& which) {
-    std::vector<std::vector<TableRecord>> out(which.size());
+  // Scratch of load_deferred(), kept across shards (fresh vectors per shard cost page faults).
+  std::vector<TableRecord> load_recs;
+  std::vector<uint32_t> load_names;  // name id of each of load_recs
+  std::vector<uint32_t> load_order;
+  std::vector<uint32_t> load_start;
+  std::vector<uint8_t> load_raw;
+
+  /// Fills load_recs/load_names with the records of blocks `which` of deferred shard `d`, read
+  /// from its tensor index; or, when that fails its checks, rebuilt from the shard's own index.
+  /// Their `shape` is an id of the reader's shape table.
+  void read_blocks(const Deferred& d, const std::vector<uint32_t>& which) {
+    load_recs.clear();
+    load_names.clear();
     const std::string& path = shard_paths[d.shard_id];
     const std::string tpath = tensor_index_path(path);
     const std::string where = "run_reader " + tpath;
@@ -536,21 +568,46 @@ struct RunReader::Impl {
       Fd t(tpath);
       if (t.fd < 0)
         corrupt("[" + where + "] tensor index disappeared: " + std::strerror(errno));
-      std::vector<uint8_t> buf;
-      for (std::size_t k = 0; k < which.size(); ++k) {
-        const Block& b = d.blocks[which[k]];
-        const std::size_t bytes = static_cast<std::size_t>(b.count) * kTensorIndexRecordSize;
-        if (buf.size() < bytes) buf.resize(bytes);
-        if (!pread_full(t.fd, buf.data(), bytes, b.offset, tpath) || crc32c(buf.data(), bytes) != b.crc)
-          corrupt("[" + where + "] tensor index block of '" + names[b.name_id] + "' checksum mismatch");
-        decode_tensor_index_records(buf.data(), b.count, d.dir, where, &out[k]);
-        for (TableRecord& r : out[k]) r.shape = d.shape_ids[r.shape];
+      std::size_t total = 0;
+      for (uint32_t b : which) total += d.blocks[b].count;
+      load_recs.resize(total);
+      load_names.resize(total);
+      std::size_t at = 0;
+      // Blocks lie back to back in block order: one read per run of consecutive blocks.
+      for (std::size_t k = 0; k < which.size();) {
+        std::size_t e = k + 1;
+        uint64_t end = d.blocks[which[k]].offset + uint64_t{d.blocks[which[k]].count} * kTensorIndexRecordSize;
+        while (e < which.size() && d.blocks[which[e]].offset == end) {
+          end += uint64_t{d.blocks[which[e]].count} * kTensorIndexRecordSize;
+          ++e;
+        }
+        const uint64_t first = d.blocks[which[k]].offset;
+        const std::size_t bytes = static_cast<std::size_t>(end - first);
+        if (load_raw.size() < bytes) load_raw.resize(bytes);
+        if (!pread_full(t.fd, load_raw.data(), bytes, first, tpath))
+          corrupt("[" + where + "] tensor index is truncated");
+        for (; k < e; ++k) {
+          const Block& b = d.blocks[which[k]];
+          const uint8_t* p = load_raw.data() + (b.offset - first);
+          const std::size_t n = static_cast<std::size_t>(b.count) * kTensorIndexRecordSize;
+          if (crc32c(p, n) != b.crc)
+            corrupt("[" + where + "] tensor index block of '" + names[b.name_id] + "' checksum mismatch");
+          decode_tensor_index_records(p, b.count, d.dir, where, load_recs.data() + at);
+          for (uint32_t i = 0; i < b.count; ++i) {
+            load_recs[at + i].shape = d.shape_ids[load_recs[at + i].shape];
+            load_names[at + i] = b.name_id;
+          }
+          at += b.count;
+        }
       }
-      return out;
+      if (load_raw.size() > (64u << 20)) std::vector<uint8_t>().swap(load_raw);
+      return;
     } catch (const Error& e) {
       if (e.code() != ErrorCode::kDataLoss) throw;
       problems.push_back(std::string(e.what()) + " (read through the shard's index instead)");
     }
+    load_recs.clear();
+    load_names.clear();
     // Fall back to the shard's index (the shard is checked as a sealed read would).
     std::vector<uint8_t> meta;
     uint32_t icrc;
@@ -566,50 +623,50 @@ struct RunReader::Impl {
     for (std::size_t c = 0; same && c < tt.commits.size(); ++c)
       same = tt.commits[c].step == d.dir.commits[c].step;
     if (!same) corrupt("[" + iwhere + "] the shard's commits differ from its tensor index's");
-    for (std::size_t k = 0; k < which.size(); ++k) {
-      out[k].clear();
-      const std::string& want = names[d.blocks[which[k]].name_id];
+    for (uint32_t b : which) {
+      const std::string& want = names[d.blocks[b].name_id];
       for (std::size_t n = 0; n < tt.names.size(); ++n) {
         if (tt.names[n] != want) continue;
-        out[k] = std::move(tt.records[n]);
-        for (TableRecord& r : out[k]) r.shape = intern_shape(tt.shapes[r.shape]);
+        for (TableRecord r : tt.records[n]) {
+          r.shape = intern_shape(tt.shapes[r.shape]);
+          load_recs.push_back(r);
+          load_names.push_back(d.blocks[b].name_id);
+        }
       }
     }
-    return out;
   }
 
   /// Loads blocks `which` of deferred shard `di` into the record table, in the order a reader
   /// of the shard would have committed them (commit, then file offset).
   void load_deferred(uint32_t di, const std::vector<uint32_t>& which) {
     Deferred& d = deferred[di];
-    std::vector<std::vector<TableRecord>> recs;
     try {
-      recs = read_blocks(d, which);
+      read_blocks(d, which);
     } catch (const Error& e) {
       if (strict || e.code() != ErrorCode::kDataLoss) throw;
       problems.push_back(e.what());
-      recs.assign(which.size(), {});
+      load_recs.clear();
+      load_names.clear();
     }
     // Order by commit with a counting sort (each block is already in commit order).
     const std::size_t nc = d.dir.commits.size();
-    std::vector<uint32_t> start(nc + 1, 0);
-    std::size_t total = 0;
-    for (const auto& v : recs)
-      for (const TableRecord& r : v) ++start[r.commit + 1], ++total;
-    for (std::size_t c = 0; c < nc; ++c) start[c + 1] += start[c];
-    std::vector<std::pair<const TableRecord*, uint32_t>> order(total);  // (record, name id)
-    for (std::size_t k = 0; k < recs.size(); ++k)
-      for (const TableRecord& r : recs[k]) order[start[r.commit]++] = {&r, d.blocks[which[k]].name_id};
+    const std::size_t total = load_recs.size();
+    load_start.assign(nc + 1, 0);
+    for (const TableRecord& r : load_recs) ++load_start[r.commit + 1];
+    for (std::size_t c = 0; c < nc; ++c) load_start[c + 1] += load_start[c];
+    load_order.resize(total);
+    for (uint32_t i = 0; i < total; ++i) load_order[load_start[load_recs[i].commit]++] = i;
     // Within a commit, file order: insertion sort (blocks come in write order, so it rarely moves).
+    auto off = [&](uint32_t i) { return load_recs[i].frame_offset; };
     for (std::size_t i = 1; i < total; ++i) {
-      auto x = order[i];
+      const uint32_t x = load_order[i];
       std::size_t j = i;
-      while (j > 0 && order[j - 1].first->commit == x.first->commit &&
-             order[j - 1].first->frame_offset > x.first->frame_offset) {
-        order[j] = order[j - 1];
+      while (j > 0 && load_recs[load_order[j - 1]].commit == load_recs[x].commit &&
+             off(load_order[j - 1]) > off(x)) {
+        load_order[j] = load_order[j - 1];
         --j;
       }
-      order[j] = x;
+      load_order[j] = x;
     }
     if (rows.capacity() < rows.size() + total) {
       rows.reserve(std::max(rows.size() + total, rows.capacity() + rows.capacity() / 2));
@@ -618,11 +675,11 @@ struct RunReader::Impl {
     std::size_t i = 0;
     uint32_t last_name = UINT32_MAX;
     std::vector<uint32_t>* sv = nullptr;
+    const std::size_t before = rows.size();
     while (i < total) {
-      const uint32_t commit = order[i].first->commit;
-      const uint32_t first = static_cast<uint32_t>(rows.size());
-      for (; i < total && order[i].first->commit == commit; ++i) {
-        const TableRecord& t = *order[i].first;
+      const uint32_t commit = load_recs[load_order[i]].commit;
+      for (; i < total && load_recs[load_order[i]].commit == commit; ++i) {
+        const TableRecord& t = load_recs[load_order[i]];
         RecordRow r;
         r.step = t.step;
         r.mode_step = t.mode_step;
@@ -630,7 +687,7 @@ struct RunReader::Impl {
         r.raw_nbytes = t.raw_nbytes;
         r.frame_offset = t.frame_offset;
         r.payload_len = t.payload_len;
-        r.name_id = order[i].second;
+        r.name_id = load_names[load_order[i]];
         r.rank = d.rank;
         r.shard = d.shard_id;
         r.shape_id = t.shape;
@@ -649,9 +706,8 @@ struct RunReader::Impl {
         }
         add_row(*sv, r, ss);
       }
-      const uint32_t added = static_cast<uint32_t>(rows.size()) - first;
-      if (added) spans.push_back(Span{d.dir.commits[commit].step, first, added});
     }
+    if (rows.size() != before) spans_stale = true;
     for (uint32_t b : which) {
       Block& blk = d.blocks[b];
       if (blk.loaded) continue;
@@ -659,6 +715,51 @@ struct RunReader::Impl {
       --unloaded_of_name[blk.name_id];
       --unloaded_total;
     }
+  }
+
+  /// Loads every record of deferred shard `di` through the shard's own index, the way an eager
+  /// reader does (faster than regrouping the tensor index's per-tensor blocks by commit when
+  /// most of the shard is wanted). Records already loaded are met again and kept (add_row
+  /// replaces a record only by a later one). Returns false, having noted why, when the
+  /// shard's index cannot be used.
+  bool replay_deferred(uint32_t di) {
+    Deferred& d = deferred[di];
+    const std::string& path = shard_paths[d.shard_id];
+    Fd f(path);
+    if (f.fd < 0) return false;
+    if (file_size(f.fd, path) != d.dir.shard_size) return false;
+    Stream tmp;  // not the rank's stream: its pending frames are not this shard's
+    tmp.rank = d.rank;
+    Shard sh;
+    sh.seq = shard_seq[d.shard_id];
+    sh.id = d.shard_id;
+    std::size_t ignored = 0;
+    bool sealed = false;
+    replaying = true;
+    try {
+      read_sealed(tmp, sh, f.fd, d.dir.shard_size, &ignored, &sealed);
+    } catch (const Error& e) {
+      replaying = false;
+      if (e.code() != ErrorCode::kDataLoss) throw;
+      problems.push_back(std::string(e.what()) + " (read through its tensor index instead)");
+      return false;
+    }
+    replaying = false;
+    if (!sealed) return false;
+    for (Block& b : d.blocks) {
+      if (b.loaded) continue;
+      b.loaded = true;
+      --unloaded_of_name[b.name_id];
+      --unloaded_total;
+    }
+    return true;
+  }
+
+  void release_load_scratch() {
+    std::vector<TableRecord>().swap(load_recs);
+    std::vector<uint32_t>().swap(load_names);
+    std::vector<uint32_t>().swap(load_order);
+    std::vector<uint8_t>().swap(load_raw);
   }
 
   bool loaded(const std::vector<uint32_t>& ids) const {
@@ -682,15 +783,36 @@ struct RunReader::Impl {
           if (!deferred[di].blocks[b].loaded) todo[di].push_back(b);
       }
     }
+    // The record table grows once for everything this load brings (by the shard's frame
+    // count: a replay reserves for that many before it filters the frames).
+    std::size_t total = 0;
+    for (auto& [di, which] : todo) {
+      std::size_t n = 0;
+      for (uint32_t b : which) n += deferred[di].blocks[b].count;
+      total += std::max<std::size_t>(n, deferred[di].dir.num_frames);
+    }
+    if (rows.capacity() < rows.size() + total) {  // geometric: loads come one tensor at a time
+      const std::size_t cap = std::max(rows.size() + total, rows.capacity() + rows.capacity() / 2);
+      rows.reserve(cap);
+      stats.reserve(cap);
+    }
     try {
       for (auto& [di, which] : todo) {
         std::sort(which.begin(), which.end());
+        // Most of a shard wanted: its own index is the faster way (and gives file order).
+        const Deferred& d = deferred[di];
+        uint64_t want = 0, all = 0;
+        for (uint32_t b : which) want += d.blocks[b].count;
+        for (const Block& b : d.blocks) all += b.count;
+        if (2 * want >= all && replay_deferred(di)) continue;
         load_deferred(di, which);
       }
     } catch (...) {
+      release_load_scratch();
       finish_spans();
       throw;
     }
+    release_load_scratch();
     finish_spans();
   }
 
@@ -1015,7 +1137,7 @@ std::vector<std::size_t> RunReader::select(const Selection& sel) const {
     if (sel.mode >= 0 && static_cast<int>(r.mode) != sel.mode) return;
     out.push_back(i);
   };
-  if (sel.step_min == INT64_MIN && sel.step_max == INT64_MAX) {
+  if ((sel.step_min == INT64_MIN && sel.step_max == INT64_MAX) || impl_->spans_stale) {
     for (std::size_t i = 0; i < rows.size(); ++i) take(i);
     return out;
   }

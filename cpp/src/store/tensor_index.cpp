@@ -33,12 +33,6 @@ Mode mode_of(uint8_t m, const std::string& where) {
   return static_cast<Mode>(m);
 }
 
-uint64_t shape_numel(const std::vector<int64_t>& s) {
-  uint64_t n = 1;
-  for (int64_t d : s) n *= static_cast<uint64_t>(d);
-  return n;
-}
-
 struct PendingRec {
   uint32_t name;
   TableRecord rec;
@@ -267,6 +261,7 @@ void decode_tensor_index_dir(const uint8_t* p, std::size_t n, const std::string&
     r.get<uint16_t>();
     if (c.step < 0) bad(where, "negative step in tensor index");
   }
+  dir->shape_numel.clear();
   for (auto& s : dir->shapes) {
     const uint8_t ndim = r.get<uint8_t>();
     if (ndim > kMaxNdim) bad(where, "too many dimensions in tensor index");
@@ -278,6 +273,7 @@ void decode_tensor_index_dir(const uint8_t* p, std::size_t n, const std::string&
         bad(where, "bad shape in tensor index");
       numel *= static_cast<uint64_t>(x);
     }
+    dir->shape_numel.push_back(numel);
   }
   const uint64_t blocks_start = kTensorIndexHeaderSize + n;
   for (TensorIndexBlock& b : dir->blocks) {
@@ -295,41 +291,42 @@ void decode_tensor_index_dir(const uint8_t* p, std::size_t n, const std::string&
 }
 
 void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorIndexDir& dir,
-                                 const std::string& where, std::vector<TableRecord>* out) {
-  out->resize(count);
+                                 const std::string& where, TableRecord* out) {
   const uint64_t frames_end = dir.shard_size >= kFooterSize ? dir.shard_size - kFooterSize : 0;
+  // Fixed offsets (the block's size was checked against its count): no per-field bounds checks.
+  auto u64 = [](const uint8_t* q) { uint64_t v; std::memcpy(&v, q, 8); return v; };
+  auto i64 = [](const uint8_t* q) { int64_t v; std::memcpy(&v, q, 8); return v; };
+  auto f64 = [](const uint8_t* q) { double v; std::memcpy(&v, q, 8); return v; };
+  auto u32 = [](const uint8_t* q) { uint32_t v; std::memcpy(&v, q, 4); return v; };
   for (uint32_t i = 0; i < count; ++i) {
-    ByteReader rd(p + static_cast<std::size_t>(i) * kTensorIndexRecordSize, kTensorIndexRecordSize, where);
-    TableRecord& r = (*out)[i];
-    r.step = rd.get<int64_t>();
-    r.mode_step = rd.get<int64_t>();
-    r.wall_time = rd.get<double>();
-    r.raw_nbytes = rd.get<uint64_t>();
-    r.frame_offset = rd.get<uint64_t>();
-    r.payload_len = rd.get<uint64_t>();
-    r.meta_len = rd.get<uint32_t>();
-    r.meta_crc = rd.get<uint32_t>();
-    r.payload_crc = rd.get<uint32_t>();
-    r.shape = rd.get<uint32_t>();
-    r.commit = rd.get<uint32_t>();
-    r.flags = rd.get<uint16_t>();
-    r.mode = mode_of(rd.get<uint8_t>(), where);
-    r.dtype = dtype_from_code(rd.get<uint8_t>());
-    const uint8_t codec = rd.get<uint8_t>();
-    const uint8_t hists = rd.get<uint8_t>();
-    rd.get<uint16_t>();
-    rd.get<uint32_t>();
-    r.numel = rd.get<uint64_t>();
-    r.nan = rd.get<uint64_t>();
-    r.posinf = rd.get<uint64_t>();
-    r.neginf = rd.get<uint64_t>();
-    r.zeros = rd.get<uint64_t>();
-    r.min = rd.get<double>();
-    r.max = rd.get<double>();
-    r.mean = rd.get<double>();
-    r.m2 = rd.get<double>();
-    r.abs_sum = rd.get<double>();
-    r.abs_max = rd.get<double>();
+    const uint8_t* q = p + static_cast<std::size_t>(i) * kTensorIndexRecordSize;
+    TableRecord& r = out[i];
+    r.step = i64(q);
+    r.mode_step = i64(q + 8);
+    r.wall_time = f64(q + 16);
+    r.raw_nbytes = u64(q + 24);
+    r.frame_offset = u64(q + 32);
+    r.payload_len = u64(q + 40);
+    r.meta_len = u32(q + 48);
+    r.meta_crc = u32(q + 52);
+    r.payload_crc = u32(q + 56);
+    r.shape = u32(q + 60);
+    r.commit = u32(q + 64);
+    std::memcpy(&r.flags, q + 68, 2);
+    const uint8_t mode = q[70], dtype = q[71], codec = q[72], hists = q[73];
+    r.numel = u64(q + 80);
+    r.nan = u64(q + 88);
+    r.posinf = u64(q + 96);
+    r.neginf = u64(q + 104);
+    r.zeros = u64(q + 112);
+    r.min = f64(q + 120);
+    r.max = f64(q + 128);
+    r.mean = f64(q + 136);
+    r.m2 = f64(q + 144);
+    r.abs_sum = f64(q + 152);
+    r.abs_max = f64(q + 160);
+    r.mode = mode_of(mode, where);
+    r.dtype = dtype_from_code(dtype);
     if (codec > static_cast<uint8_t>(Codec::kShuffleZstd) || hists > 1 ||
         (r.flags & ~(kFlagStatsOnly | kFlagDropped)))
       bad(where, "bad codec or flags in tensor index record " + std::to_string(i));
@@ -338,7 +335,7 @@ void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorI
     if (r.shape >= dir.shapes.size() || r.commit >= dir.commits.size() ||
         dir.commits[r.commit].step != r.step || r.step < 0)
       bad(where, "tensor index record " + std::to_string(i) + " names no shape or commit of its step");
-    if (r.raw_nbytes != shape_numel(dir.shapes[r.shape]) * dtype_size(r.dtype))
+    if (r.raw_nbytes != dir.shape_numel[r.shape] * dtype_size(r.dtype))
       bad(where, "byte count does not match shape and dtype in tensor index");
     if (r.nan > r.numel || r.posinf > r.numel - r.nan || r.neginf > r.numel - r.nan - r.posinf ||
         r.zeros > r.numel)
@@ -409,7 +406,8 @@ TensorTable read_tensor_index(const std::string& path) {
       bad(where, "tensor index block of '" + b.name + "' checksum mismatch");
     t.names.push_back(b.name);
     t.records.emplace_back();
-    decode_tensor_index_records(buf.data() + b.offset, b.count, dir, where, &t.records.back());
+    t.records.back().resize(b.count);
+    decode_tensor_index_records(buf.data() + b.offset, b.count, dir, where, t.records.back().data());
     expect += bytes;
   }
   if (expect != buf.size()) bad(where, "trailing bytes after the tensor index blocks");

@@ -97,6 +97,7 @@ struct TensorIndexDir {
   uint64_t file_size = 0;
   std::vector<TableCommit> commits;
   std::vector<std::vector<int64_t>> shapes;
+  std::vector<uint64_t> shape_numel;  ///< Elements of each shape.
   std::vector<TensorIndexBlock> blocks;
 };
 
@@ -108,10 +109,11 @@ uint64_t decode_tensor_index_header(const uint8_t* p, uint64_t file_size, const 
 /// DataLoss on any inconsistency.
 void decode_tensor_index_dir(const uint8_t* p, std::size_t n, const std::string& where,
                              TensorIndexDir* dir);
-/// Decodes and validates `count` records at `p` against the directory `dir` (mode, dtype, codec,
-/// flags, shape and commit indexes, counts, frame bounds). DataLoss on the first bad one.
+/// Decodes and validates `count` records at `p` (count * kTensorIndexRecordSize bytes) into
+/// `out[0..count)` against the directory `dir` (mode, dtype, codec, flags, shape and commit
+/// indexes, counts, frame bounds). DataLoss on the first bad one.
 void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorIndexDir& dir,
-                                 const std::string& where, std::vector<TableRecord>* out);
+                                 const std::string& where, TableRecord* out);
 
 /// Reads a whole tensor index file into a table (fsck and tests). DataLoss on corruption,
 /// NotFound when there is no such file.
