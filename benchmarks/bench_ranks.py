@@ -78,9 +78,17 @@ def write_ranks(args: tuple) -> float:
             scale = 0.02 * (1 + v / 16) * (1 + (i % 7) / 10)
             row.append(
                 _core.Stats.from_parts(
-                    numel=numel, nan=0, posinf=0, neginf=0, zeros=v, min=-4 * scale,
-                    max=4 * scale, mean=scale / 100, m2=numel * scale * scale,
-                    abs_sum=numel * scale * 0.8, abs_max=4 * scale,
+                    numel=numel,
+                    nan=0,
+                    posinf=0,
+                    neginf=0,
+                    zeros=v,
+                    min=-4 * scale,
+                    max=4 * scale,
+                    mean=scale / 100,
+                    m2=numel * scale * scale,
+                    abs_sum=numel * scale * 0.8,
+                    abs_max=4 * scale,
                 )
             )
         variants.append(row)
@@ -113,9 +121,12 @@ def generate(run: str, ranks: int, steps: int, ntensors: int, per_shard: int, pr
     need = ranks * steps * ntensors * 570
     if need > free * 0.9:
         sys.exit(f"about {need / 1e9:.0f} GB are needed in {run}, {free / 1e9:.0f} GB are free")
-    print(f"writing {ranks} ranks x {steps} steps x {ntensors} tensors "
-          f"({ranks * steps * ntensors / 1e6:.1f} M records, ~{need / 1e9:.0f} GB) "
-          f"with {procs} processes ...", flush=True)
+    print(
+        f"writing {ranks} ranks x {steps} steps x {ntensors} tensors "
+        f"({ranks * steps * ntensors / 1e6:.1f} M records, ~{need / 1e9:.0f} GB) "
+        f"with {procs} processes ...",
+        flush=True,
+    )
     t0 = time.perf_counter()
     jobs = [(run, list(range(p, ranks, procs)), steps, ntensors, per_shard) for p in range(procs)]
     with get_context("fork").Pool(procs) as pool:
@@ -123,10 +134,15 @@ def generate(run: str, ranks: int, steps: int, ntensors: int, per_shard: int, pr
     wall = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(run).rglob("shard-*") if f.is_file())
     tvt = sum(f.stat().st_size for f in Path(run).rglob("shard-*.tvt"))
-    print(f"  written in {wall:.0f} s ({ranks * steps * ntensors / wall / 1e6:.2f} M records/s); "
-          f"{size / 1e9:.1f} GB, of which tensor indexes {tvt / 1e9:.1f} GB", flush=True)
+    print(
+        f"  written in {wall:.0f} s ({ranks * steps * ntensors / wall / 1e6:.2f} M records/s); "
+        f"{size / 1e9:.1f} GB, of which tensor indexes {tvt / 1e9:.1f} GB",
+        flush=True,
+    )
     # The last shard may be a small one holding the END frame alone (rolled at the last commit).
-    nshards = len([f for f in Path(run, "rank-00000").glob("shard-*.tvs") if f.stat().st_size > 4096])
+    nshards = len(
+        [f for f in Path(run, "rank-00000").glob("shard-*.tvs") if f.stat().st_size > 4096]
+    )
     want = -(-steps // per_shard)
     if nshards != want:
         sys.exit(f"rank 0 has {nshards} shards, expected {want}: the roll size estimate is off")
@@ -185,21 +201,35 @@ print(json.dumps(out))
 def probe(path: str, name: str, mode: str, rounds: int) -> dict:
     results = []
     for _ in range(rounds):
-        p = subprocess.run([sys.executable, "-c", PROBE, path, name, mode], capture_output=True,
-                           text=True, check=False)
+        p = subprocess.run(
+            [sys.executable, "-c", PROBE, path, name, mode],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if p.returncode != 0:
             sys.exit(f"probe failed on {path}:\n{p.stderr}")
         results.append(json.loads(p.stdout))
     totals = [r["open_s"] + r["stats_s"] for r in results]
     best = results[totals.index(min(totals))]
-    return {**best, "total_s": min(totals), "median_s": statistics.median(totals),
-            "first_s": totals[0]}
+    return {
+        **best,
+        "total_s": min(totals),
+        "median_s": statistics.median(totals),
+        "first_s": totals[0],
+    }
 
 
 def pyarrow_import_s() -> float:
     code = "import time; t = time.perf_counter(); import pyarrow; print(time.perf_counter() - t)"
-    return min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                    check=True).stdout) for _ in range(3))
+    return min(
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(3)
+    )
 
 
 def main() -> None:
@@ -210,8 +240,12 @@ def main() -> None:
     ap.add_argument("--steps-per-shard", type=int, default=125)
     ap.add_argument("--procs", type=int, default=2, help="writer processes")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per measurement")
-    ap.add_argument("--eager-ranks", type=int, default=32,
-                    help="ranks for the baseline without tensor indexes (0: skip)")
+    ap.add_argument(
+        "--eager-ranks",
+        type=int,
+        default=32,
+        help="ranks for the baseline without tensor indexes (0: skip)",
+    )
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "tv-bench-ranks"))
     ap.add_argument("--keep", action="store_true", help="keep the written run")
     ap.add_argument("--json", help="also write the figures here")
@@ -228,9 +262,12 @@ def main() -> None:
     report: dict = {"layout": vars(args), "tensor": name}
 
     def show(label: str, r: dict) -> None:
-        print(f"  {label:<24} open {r['open_s']:.3f} s + stats {r['stats_s']:.3f} s = "
-              f"{r['total_s']:.3f} s (median {r['median_s']:.3f}, first {r['first_s']:.3f}); "
-              f"{r['rows']:,} rows, RSS {r['rss_mb']:.0f} MB", flush=True)
+        print(
+            f"  {label:<24} open {r['open_s']:.3f} s + stats {r['stats_s']:.3f} s = "
+            f"{r['total_s']:.3f} s (median {r['median_s']:.3f}, first {r['first_s']:.3f}); "
+            f"{r['rows']:,} rows, RSS {r['rss_mb']:.0f} MB",
+            flush=True,
+        )
 
     print("\nTarget: tv.open(run) + run.stats(tensor), best of", args.rounds)
     full = probe(run, name, "api", args.rounds)
@@ -241,48 +278,58 @@ def main() -> None:
     report["target"] = full
 
     sub = os.path.join(args.dir, "subsets")
+
+    def growth(what: str, sizes: list[int], full_size: int, make) -> list:
+        """Measures each size (the full one is `full`); prints times and ratios to the first."""
+        out = []
+        for n in sizes:
+            r = full if n == full_size else probe(make(n), name, "api", args.rounds)
+            out.append((n, r))
+            show(f"{n} {what}", r)
+        n0, r0 = out[0]
+        for n, r in out:
+            print(
+                f"    {n:>5} {what}: x{n / n0:<5.3g} -> x{r['total_s'] / r0['total_s']:.2f} time "
+                f"(open x{r['open_s'] / r0['open_s']:.2f}, stats x{r['stats_s'] / r0['stats_s']:.2f})"
+            )
+        return out
+
+    def quarters(n: int) -> list[int]:
+        return sorted({max(1, n // 8), max(1, n // 4), max(1, n // 2), n})
+
     print("\nGrowth with ranks (all steps):")
-    rank_counts = sorted({max(1, args.ranks // 8), max(1, args.ranks // 4),
-                          max(1, args.ranks // 2), args.ranks})
-    growth_r = []
-    for n in rank_counts:
-        path = run if n == args.ranks else subset(run, os.path.join(sub, f"r{n}"), n, None)
-        r = full if n == args.ranks else probe(path, name, "api", args.rounds)
-        growth_r.append((n, r))
-        show(f"{n} ranks", r)
-    base_n, base = growth_r[0]
-    for n, r in growth_r:
-        print(f"    {n:>4} ranks: x{n / base_n:<5.3g} ranks -> x{r['total_s'] / base['total_s']:.2f} "
-              f"time (open x{r['open_s'] / base['open_s']:.2f}, stats x{r['stats_s'] / base['stats_s']:.2f})")
+    growth_r = growth(
+        "ranks",
+        quarters(args.ranks),
+        args.ranks,
+        lambda n: subset(run, os.path.join(sub, f"r{n}"), n, None),
+    )
     print("\nGrowth with steps (all ranks):")
-    shards_total = args.steps // args.steps_per_shard
-    shard_counts = sorted({max(1, shards_total // 8), max(1, shards_total // 4),
-                           max(1, shards_total // 2), shards_total})
-    growth_s = []
-    for k in shard_counts:
-        steps = k * args.steps_per_shard
-        path = run if k == shards_total else subset(run, os.path.join(sub, f"s{steps}"), args.ranks, k)
-        r = full if k == shards_total else probe(path, name, "api", args.rounds)
-        growth_s.append((steps, r))
-        show(f"{steps} steps", r)
-    base_s, base = growth_s[0]
-    for s, r in growth_s:
-        print(f"    {s:>5} steps: x{s / base_s:<5.3g} steps -> x{r['total_s'] / base['total_s']:.2f} "
-              f"time (open x{r['open_s'] / base['open_s']:.2f}, stats x{r['stats_s'] / base['stats_s']:.2f})")
+    per = args.steps_per_shard
+    growth_s = growth(
+        "steps",
+        [k * per for k in quarters(args.steps // per)],
+        args.steps,
+        lambda s: subset(run, os.path.join(sub, f"s{s}"), args.ranks, s // per),
+    )
     report["growth_ranks"] = growth_r
     report["growth_steps"] = growth_s
 
     if args.eager_ranks:
         n = min(args.eager_ranks, args.ranks)
         path = run if n == args.ranks else subset(run, os.path.join(sub, f"r{n}"), n, None)
-        print(f"\nBaseline: native reader on {n} ranks x {args.steps} steps, with and without "
-              "tensor indexes")
+        print(
+            f"\nBaseline: native reader on {n} ranks x {args.steps} steps, with and without "
+            "tensor indexes"
+        )
         lazy = probe(path, name, "lazy", args.rounds)
         eager = probe(path, name, "eager", 1 if n > 64 else args.rounds)
         show("lazy (tensor indexes)", lazy)
         show("eager (shard indexes)", eager)
-        print(f"  lazy is {eager['total_s'] / lazy['total_s']:.0f}x faster "
-              f"and uses {eager['rss_mb'] / lazy['rss_mb']:.1f}x less memory")
+        print(
+            f"  lazy is {eager['total_s'] / lazy['total_s']:.0f}x faster "
+            f"and uses {eager['rss_mb'] / lazy['rss_mb']:.1f}x less memory"
+        )
         report["baseline"] = {"ranks": n, "lazy": lazy, "eager": eager}
 
     if args.json:

@@ -21,11 +21,7 @@ namespace fs = std::filesystem;
 
 namespace {
 TensorView view_of(const std::vector<float>& v, std::vector<int64_t> shape) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = DType::kFloat32;
-  t.shape = std::move(shape);
-  return t;
+  return tvtest::float_view(v, std::move(shape));
 }
 
 void expect_value(const RunReader& r, const std::string& name, int64_t step, uint32_t rank,

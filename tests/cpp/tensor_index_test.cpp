@@ -22,11 +22,7 @@ namespace fs = std::filesystem;
 namespace {
 
 TensorView view_of(const std::vector<float>& v, std::vector<int64_t> shape) {
-  TensorView t;
-  t.data = v.data();
-  t.dtype = DType::kFloat32;
-  t.shape = std::move(shape);
-  return t;
+  return tvtest::float_view(v, std::move(shape));
 }
 
 /// Two ranks; rank 0 restarted and rewrote steps (later wins across shards), wrote steps out
@@ -342,7 +338,7 @@ TEST(TensorIndex, RecordsThatPassTheirChecksumsAreStillValidated) {
       {"shape", [](TensorTable& t) { t.records[0][0].shape = 77; }},
       {"bytes", [](TensorTable& t) { t.records[0][0].raw_nbytes += 4; }},
       {"offset", [](TensorTable& t) { t.records[0][0].frame_offset = t.shard_size; }},
-      {"counts", [](TensorTable& t) { t.records[0][0].nan = t.records[0][0].numel + 1; }},
+      {"counts", [](TensorTable& t) { t.records[0][0].stats.nan = t.records[0][0].stats.numel + 1; }},
       {"flags", [](TensorTable& t) { t.records[0][0].flags = 0x80; }},
       {"mode", [](TensorTable& t) { t.commits[0].mode = static_cast<Mode>(7); }},
   };

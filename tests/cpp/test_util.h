@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "tensorvigil/tensor_view.h"
+
 namespace tvtest {
 
 /// A fresh directory under the system temp dir, removed when the object dies.
@@ -46,6 +48,15 @@ inline std::vector<float> random_floats(std::size_t n, uint64_t seed) {
   std::vector<float> v(n);
   for (auto& x : v) x = d(rng);
   return v;
+}
+
+/// A float32 view of `v` with `shape` (the caller keeps `v` alive).
+inline tensorvigil::TensorView float_view(const std::vector<float>& v, std::vector<int64_t> shape) {
+  tensorvigil::TensorView t;
+  t.data = v.data();
+  t.dtype = tensorvigil::DType::kFloat32;
+  t.shape = std::move(shape);
+  return t;
 }
 
 }  // namespace tvtest

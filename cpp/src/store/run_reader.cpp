@@ -336,21 +336,8 @@ struct RunReader::Impl {
         r.meta_crc = h.meta_crc;
         r.payload_len = h.payload_len;
         r.payload_crc = h.payload_crc;
-        const auto& ms = m.stats;
-        r.hists = ms.has_hists();
-        ScalarStats ss;
-        ss.numel = ms.numel;
-        ss.nan = ms.nan;
-        ss.posinf = ms.posinf;
-        ss.neginf = ms.neginf;
-        ss.zeros = ms.zeros;
-        ss.min = ms.min;
-        ss.max = ms.max;
-        ss.mean = ms.mean;
-        ss.m2 = ms.m2;
-        ss.abs_sum = ms.abs_sum;
-        ss.abs_max = ms.abs_max;
-        st.pending.push_back(Pending{r, ss});
+        r.hists = m.stats.has_hists();
+        st.pending.push_back(Pending{r, ScalarStats::of(m.stats)});
         return true;
       }
       case FrameKind::kCommit: {
@@ -699,12 +686,11 @@ struct RunReader::Impl {
         r.dtype = t.dtype;
         r.codec = t.codec;
         r.hists = t.hists;
-        ScalarStats ss{t.numel, t.nan, t.posinf, t.neginf, t.zeros, t.min, t.max, t.mean, t.m2, t.abs_sum, t.abs_max};
         if (r.name_id != last_name) {
           sv = &series_for(r.name_id, r.rank);
           last_name = r.name_id;
         }
-        add_row(*sv, r, ss);
+        add_row(*sv, r, t.stats);
       }
     }
     if (rows.size() != before) spans_stale = true;

@@ -84,19 +84,8 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
         r.mode = v.mode;
         r.dtype = v.dtype;
         r.codec = h.codec;
-        const auto& s = v.stats;
-        r.hists = s.has_hists();
-        r.numel = s.numel;
-        r.nan = s.nan;
-        r.posinf = s.posinf;
-        r.neginf = s.neginf;
-        r.zeros = s.zeros;
-        r.min = s.min;
-        r.max = s.max;
-        r.mean = s.mean;
-        r.m2 = s.m2;
-        r.abs_sum = s.abs_sum;
-        r.abs_max = s.abs_max;
+        r.hists = v.stats.has_hists();
+        r.stats = ScalarStats::of(v.stats);
         pending.push_back(PendingRec{it->second, r});
         break;
       }
@@ -170,17 +159,9 @@ std::vector<uint8_t> encode_tensor_index(const TensorTable& t) {
       b.put<uint8_t>(r.hists ? 1 : 0);
       b.put<uint16_t>(0);
       b.put<uint32_t>(0);
-      b.put<uint64_t>(r.numel);
-      b.put<uint64_t>(r.nan);
-      b.put<uint64_t>(r.posinf);
-      b.put<uint64_t>(r.neginf);
-      b.put<uint64_t>(r.zeros);
-      b.put<double>(r.min);
-      b.put<double>(r.max);
-      b.put<double>(r.mean);
-      b.put<double>(r.m2);
-      b.put<double>(r.abs_sum);
-      b.put<double>(r.abs_max);
+      const ScalarStats& st = r.stats;
+      for (uint64_t c : {st.numel, st.nan, st.posinf, st.neginf, st.zeros}) b.put<uint64_t>(c);
+      for (double x : {st.min, st.max, st.mean, st.m2, st.abs_sum, st.abs_max}) b.put<double>(x);
     }
     const std::size_t bytes = b.bytes().size() - start;
     d.put<uint64_t>(off + start);
@@ -314,17 +295,18 @@ void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorI
     r.commit = u32(q + 64);
     std::memcpy(&r.flags, q + 68, 2);
     const uint8_t mode = q[70], dtype = q[71], codec = q[72], hists = q[73];
-    r.numel = u64(q + 80);
-    r.nan = u64(q + 88);
-    r.posinf = u64(q + 96);
-    r.neginf = u64(q + 104);
-    r.zeros = u64(q + 112);
-    r.min = f64(q + 120);
-    r.max = f64(q + 128);
-    r.mean = f64(q + 136);
-    r.m2 = f64(q + 144);
-    r.abs_sum = f64(q + 152);
-    r.abs_max = f64(q + 160);
+    ScalarStats& st = r.stats;
+    st.numel = u64(q + 80);
+    st.nan = u64(q + 88);
+    st.posinf = u64(q + 96);
+    st.neginf = u64(q + 104);
+    st.zeros = u64(q + 112);
+    st.min = f64(q + 120);
+    st.max = f64(q + 128);
+    st.mean = f64(q + 136);
+    st.m2 = f64(q + 144);
+    st.abs_sum = f64(q + 152);
+    st.abs_max = f64(q + 160);
     r.mode = mode_of(mode, where);
     r.dtype = dtype_from_code(dtype);
     if (codec > static_cast<uint8_t>(Codec::kShuffleZstd) || hists > 1 ||
@@ -337,8 +319,8 @@ void decode_tensor_index_records(const uint8_t* p, uint32_t count, const TensorI
       bad(where, "tensor index record " + std::to_string(i) + " names no shape or commit of its step");
     if (r.raw_nbytes != dir.shape_numel[r.shape] * dtype_size(r.dtype))
       bad(where, "byte count does not match shape and dtype in tensor index");
-    if (r.nan > r.numel || r.posinf > r.numel - r.nan || r.neginf > r.numel - r.nan - r.posinf ||
-        r.zeros > r.numel)
+    if (st.nan > st.numel || st.posinf > st.numel - st.nan ||
+        st.neginf > st.numel - st.nan - st.posinf || st.zeros > st.numel)
       bad(where, "inconsistent statistics counts in tensor index");
     if (r.meta_len > kMaxMetaLen || r.payload_len > kMaxPayloadLen ||
         r.frame_offset < kShardHeaderSize ||

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "tensorvigil/store/format.h"
+#include "tensorvigil/store/tensor_index.h"
 
 namespace tensorvigil::store {
 
@@ -74,14 +75,6 @@ struct RecordRow {
   bool hists = false;  ///< The record has histograms (left on disk).
 
   bool has_value() const { return (flags & (kFlagStatsOnly | kFlagDropped)) == 0; }
-};
-
-/// Scalar statistics of one record (TensorStats without histograms).
-struct ScalarStats {
-  uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
-  double min = 0.0, max = 0.0, mean = 0.0, m2 = 0.0, abs_sum = 0.0, abs_max = 0.0;
-  /// As a TensorStats (no histograms).
-  TensorStats to_stats() const;
 };
 
 /// The scalar statistics of every record of the table, one column per field (index = row), so

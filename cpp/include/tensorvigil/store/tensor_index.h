@@ -23,6 +23,18 @@ inline constexpr std::size_t kTensorIndexCommitSize = 32;
 inline constexpr std::size_t kTensorIndexRecordSize = 168;
 inline constexpr uint32_t kTensorIndexEnded = 1u;  ///< Header flag: the shard holds an END frame.
 
+/// Scalar statistics of one record (TensorStats without histograms).
+struct ScalarStats {
+  uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
+  double min = 0.0, max = 0.0, mean = 0.0, m2 = 0.0, abs_sum = 0.0, abs_max = 0.0;
+  /// As a TensorStats (no histograms).
+  TensorStats to_stats() const;
+  /// The scalar part of a decoded meta's statistics.
+  static ScalarStats of(const TensorMetaView::Stats& s) {
+    return ScalarStats{s.numel, s.nan, s.posinf, s.neginf, s.zeros, s.min, s.max, s.mean, s.m2, s.abs_sum, s.abs_max};
+  }
+};
+
 /// One committed record of a shard, as the tensor index stores it.
 struct TableRecord {
   int64_t step = 0;
@@ -41,8 +53,7 @@ struct TableRecord {
   DType dtype = DType::kFloat32;
   Codec codec = Codec::kRaw;
   bool hists = false;  ///< The frame's statistics carry histograms (left in the shard).
-  uint64_t numel = 0, nan = 0, posinf = 0, neginf = 0, zeros = 0;
-  double min = 0.0, max = 0.0, mean = 0.0, m2 = 0.0, abs_sum = 0.0, abs_max = 0.0;
+  ScalarStats stats;
 };
 
 /// One COMMIT frame of the shard, in file order.
