@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <deque>
@@ -14,6 +15,7 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 
 #include "tensorvigil/error.h"
@@ -540,54 +542,63 @@ struct RunReader::Impl {
   std::vector<uint32_t> load_names;  // name id of each of load_recs
   std::vector<uint32_t> load_order;
   std::vector<uint32_t> load_start;
-  std::vector<uint8_t> load_raw;
 
   /// Fills load_recs/load_names with the records of blocks `which` of deferred shard `d`, read
   /// from its tensor index; or, when that fails its checks, rebuilt from the shard's own index.
   /// Their `shape` is an id of the reader's shape table.
-  void read_blocks(const Deferred& d, const std::vector<uint32_t>& which) {
+  /// Reads blocks `which` of deferred shard `d` back to back into `raw` (one read per run of
+  /// consecutive blocks). Touches nothing shared: load() runs it on several threads. Returns
+  /// false when the file cannot be opened or is short (read_blocks then says why).
+  bool read_raw_blocks(const Deferred& d, const std::vector<uint32_t>& which,
+                       std::vector<uint8_t>* raw) const {
+    const std::string tpath = tensor_index_path(shard_paths[d.shard_id]);
+    Fd t(tpath);
+    if (t.fd < 0) return false;
+    std::size_t total = 0;
+    for (uint32_t b : which) total += static_cast<std::size_t>(d.blocks[b].count) * kTensorIndexRecordSize;
+    raw->resize(total);
+    std::size_t at = 0;
+    for (std::size_t k = 0; k < which.size();) {
+      const uint64_t first = d.blocks[which[k]].offset;
+      uint64_t end = first;
+      for (; k < which.size() && d.blocks[which[k]].offset == end; ++k)
+        end += uint64_t{d.blocks[which[k]].count} * kTensorIndexRecordSize;
+      const std::size_t bytes = static_cast<std::size_t>(end - first);
+      if (bytes && !pread_full(t.fd, raw->data() + at, bytes, first, tpath)) return false;
+      at += bytes;
+    }
+    return true;
+  }
+
+  void read_blocks(const Deferred& d, const std::vector<uint32_t>& which, std::vector<uint8_t>* raw,
+                   bool have_raw) {
     load_recs.clear();
     load_names.clear();
     const std::string& path = shard_paths[d.shard_id];
     const std::string tpath = tensor_index_path(path);
     const std::string where = "run_reader " + tpath;
     try {
-      Fd t(tpath);
-      if (t.fd < 0)
-        corrupt("[" + where + "] tensor index disappeared: " + std::strerror(errno));
+      if (!have_raw && !read_raw_blocks(d, which, raw))
+        corrupt("[" + where + "] tensor index is missing or truncated");
       std::size_t total = 0;
       for (uint32_t b : which) total += d.blocks[b].count;
       load_recs.resize(total);
       load_names.resize(total);
       std::size_t at = 0;
-      // Blocks lie back to back in block order: one read per run of consecutive blocks.
-      for (std::size_t k = 0; k < which.size();) {
-        std::size_t e = k + 1;
-        uint64_t end = d.blocks[which[k]].offset + uint64_t{d.blocks[which[k]].count} * kTensorIndexRecordSize;
-        while (e < which.size() && d.blocks[which[e]].offset == end) {
-          end += uint64_t{d.blocks[which[e]].count} * kTensorIndexRecordSize;
-          ++e;
+      const uint8_t* p = raw->data();
+      for (uint32_t w : which) {
+        const Block& b = d.blocks[w];
+        const std::size_t n = static_cast<std::size_t>(b.count) * kTensorIndexRecordSize;
+        if (crc32c(p, n) != b.crc)
+          corrupt("[" + where + "] tensor index block of '" + names[b.name_id] + "' checksum mismatch");
+        decode_tensor_index_records(p, b.count, d.dir, where, load_recs.data() + at);
+        for (uint32_t i = 0; i < b.count; ++i) {
+          load_recs[at + i].shape = d.shape_ids[load_recs[at + i].shape];
+          load_names[at + i] = b.name_id;
         }
-        const uint64_t first = d.blocks[which[k]].offset;
-        const std::size_t bytes = static_cast<std::size_t>(end - first);
-        if (load_raw.size() < bytes) load_raw.resize(bytes);
-        if (!pread_full(t.fd, load_raw.data(), bytes, first, tpath))
-          corrupt("[" + where + "] tensor index is truncated");
-        for (; k < e; ++k) {
-          const Block& b = d.blocks[which[k]];
-          const uint8_t* p = load_raw.data() + (b.offset - first);
-          const std::size_t n = static_cast<std::size_t>(b.count) * kTensorIndexRecordSize;
-          if (crc32c(p, n) != b.crc)
-            corrupt("[" + where + "] tensor index block of '" + names[b.name_id] + "' checksum mismatch");
-          decode_tensor_index_records(p, b.count, d.dir, where, load_recs.data() + at);
-          for (uint32_t i = 0; i < b.count; ++i) {
-            load_recs[at + i].shape = d.shape_ids[load_recs[at + i].shape];
-            load_names[at + i] = b.name_id;
-          }
-          at += b.count;
-        }
+        at += b.count;
+        p += n;
       }
-      if (load_raw.size() > (64u << 20)) std::vector<uint8_t>().swap(load_raw);
       return;
     } catch (const Error& e) {
       if (e.code() != ErrorCode::kDataLoss) throw;
@@ -625,10 +636,11 @@ struct RunReader::Impl {
 
   /// Loads blocks `which` of deferred shard `di` into the record table, in the order a reader
   /// of the shard would have committed them (commit, then file offset).
-  void load_deferred(uint32_t di, const std::vector<uint32_t>& which) {
+  void load_deferred(uint32_t di, const std::vector<uint32_t>& which, std::vector<uint8_t>* raw,
+                     bool have_raw) {
     Deferred& d = deferred[di];
     try {
-      read_blocks(d, which);
+      read_blocks(d, which, raw, have_raw);
     } catch (const Error& e) {
       if (strict || e.code() != ErrorCode::kDataLoss) throw;
       problems.push_back(e.what());
@@ -745,7 +757,6 @@ struct RunReader::Impl {
     std::vector<TableRecord>().swap(load_recs);
     std::vector<uint32_t>().swap(load_names);
     std::vector<uint32_t>().swap(load_order);
-    std::vector<uint8_t>().swap(load_raw);
   }
 
   bool loaded(const std::vector<uint32_t>& ids) const {
@@ -783,15 +794,37 @@ struct RunReader::Impl {
       stats.reserve(cap);
     }
     try {
+      // Most of a shard wanted: its own index is the faster way (and gives file order).
+      std::vector<std::pair<uint32_t, std::vector<uint32_t>>> blocks;  // the others
       for (auto& [di, which] : todo) {
         std::sort(which.begin(), which.end());
-        // Most of a shard wanted: its own index is the faster way (and gives file order).
         const Deferred& d = deferred[di];
         uint64_t want = 0, all = 0;
         for (uint32_t b : which) want += d.blocks[b].count;
         for (const Block& b : d.blocks) all += b.count;
         if (2 * want >= all && replay_deferred(di)) continue;
-        load_deferred(di, which);
+        blocks.emplace_back(di, std::move(which));
+      }
+      // Blocks are read a batch of shards at a time on several threads (on a cold page cache
+      // the disk serves them in parallel), then checked and added here in shard order.
+      constexpr std::size_t kBatchBytes = 64u << 20;
+      std::vector<std::vector<uint8_t>> raw;
+      std::vector<char> ok;
+      for (std::size_t i = 0; i < blocks.size();) {
+        std::size_t e = i, bytes = 0;
+        for (; e < blocks.size() && (e == i || bytes < kBatchBytes); ++e)
+          for (uint32_t b : blocks[e].second)
+            bytes += std::size_t{deferred[blocks[e].first].blocks[b].count} * kTensorIndexRecordSize;
+        raw.resize(e - i);
+        ok.assign(e - i, 0);
+        parallel_for(e - i, [&](std::size_t k) {
+          ok[k] = read_raw_blocks(deferred[blocks[i + k].first], blocks[i + k].second, &raw[k]);
+        });
+        for (std::size_t k = 0; k < e - i; ++k) {
+          load_deferred(blocks[i + k].first, blocks[i + k].second, &raw[k], ok[k] != 0);
+          std::vector<uint8_t>().swap(raw[k]);
+        }
+        i = e;
       }
     } catch (...) {
       release_load_scratch();
@@ -845,7 +878,8 @@ struct RunReader::Impl {
     if (!is_last) sh.done = true;  // a later shard exists: this one will not grow
   }
 
-  std::size_t refresh_stream(Stream& st) {
+  /// Lists the rank directory: adds the shards not seen before.
+  void list_stream(Stream& st) {
     std::error_code ec;
     for (const auto& entry : fs::directory_iterator(st.dir, ec)) {
       std::string n = entry.path().filename().string();
@@ -861,6 +895,77 @@ struct RunReader::Impl {
       shard_seq.push_back(v);
       st.shards.emplace(v, sh);
     }
+  }
+
+  /// Lazy mode, cold page cache: the few small reads each new shard needs (shard header,
+  /// footer, INDEX frame header, tensor index header and directory) are made from several
+  /// threads first, so that the disk serves them in parallel and the real, serial reads find
+  /// them cached. Only the page cache is touched; what is read is checked again afterwards.
+  void prefetch_new_shards() {
+    std::vector<std::string> todo;
+    for (auto& [rank, st] : streams)
+      for (auto& [seq, sh] : st.shards)
+        if (!sh.done && !sh.header_ok) todo.push_back(shard_paths[sh.id]);
+    if (todo.size() < 16) return;  // a few reads: not worth threads
+    parallel_for(todo.size(), [&](std::size_t i) {
+      thread_local std::vector<uint8_t> buf;
+      warm(todo[i], &buf);
+    });
+  }
+
+  /// Runs fn(0..n-1) on up to 8 threads (I/O-bound work: more threads than cores keep more
+  /// reads in flight); inline when n is small. fn must not throw (an exception is dropped: the
+  /// serial pass after it meets the same problem and reports it).
+  template <typename F>
+  static void parallel_for(std::size_t n, F&& fn) {
+    const std::size_t nthreads = std::min<std::size_t>(8, n / 4);
+    auto guarded = [&](std::size_t i) {
+      try {
+        fn(i);
+      } catch (...) {
+      }
+    };
+    if (nthreads < 2) {
+      for (std::size_t i = 0; i < n; ++i) guarded(i);
+      return;
+    }
+    std::atomic<std::size_t> next{0};
+    std::vector<std::thread> threads;
+    for (std::size_t t = 0; t < nthreads; ++t)
+      threads.emplace_back([&] {
+        for (std::size_t i; (i = next.fetch_add(1)) < n;) guarded(i);
+      });
+    for (auto& t : threads) t.join();
+  }
+
+  static void warm(const std::string& path, std::vector<uint8_t>* buf) {
+    uint8_t b[kFrameHeaderSize];
+    {
+      Fd f(path);
+      if (f.fd < 0) return;
+      const uint64_t size = file_size(f.fd, path);
+      uint64_t ioff, ilen;
+      uint32_t n;
+      if (size < kShardHeaderSize + kFooterSize || !pread_full(f.fd, b, kShardHeaderSize, 0, path) ||
+          !pread_full(f.fd, b, kFooterSize, size - kFooterSize, path) || !decode_footer(b, &ioff, &ilen, &n) ||
+          ioff >= size)
+        return;
+      pread_full(f.fd, b, kFrameHeaderSize, ioff, path);
+    }
+    const std::string tpath = tensor_index_path(path);
+    Fd t(tpath);
+    if (t.fd < 0) return;
+    uint8_t h[kTensorIndexHeaderSize];
+    const uint64_t tsize = file_size(t.fd, tpath);
+    if (tsize < sizeof h || !pread_full(t.fd, h, sizeof h, 0, tpath)) return;
+    uint64_t dir_len;
+    std::memcpy(&dir_len, h + 48, 8);
+    if (dir_len > tsize - sizeof h || dir_len > (64u << 20)) return;
+    buf->resize(dir_len);
+    pread_full(t.fd, buf->data(), dir_len, sizeof h, tpath);
+  }
+
+  std::size_t refresh_stream(Stream& st) {
     // Reserve the record table once for every sealed shard still to read (their footers give
     // the frame counts): growing it shard by shard copied it and faulted in fresh pages twice.
     // Not for a lazy reader: most shards will be deferred.
@@ -937,6 +1042,8 @@ std::size_t RunReader::refresh() {
   if (ec) throw Error(ErrorCode::kIo, "[run_reader.list] '" + s.run_dir + "': " + ec.message());
   std::size_t n = 0;
   try {
+    for (auto& [rank, st] : s.streams) s.list_stream(st);
+    if (s.lazy) s.prefetch_new_shards();
     for (auto& [rank, st] : s.streams) n += s.refresh_stream(st);
   } catch (...) {
     s.release_buffers();
