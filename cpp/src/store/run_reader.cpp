@@ -965,34 +965,37 @@ struct RunReader::Impl {
     pread_full(t.fd, buf->data(), dir_len, sizeof h, tpath);
   }
 
-  std::size_t refresh_stream(Stream& st) {
-    // Reserve the record table once for every sealed shard still to read (their footers give
-    // the frame counts): growing it shard by shard copied it and faulted in fresh pages twice.
-    // Not for a lazy reader: most shards will be deferred.
+  /// Reserves the record table once for every sealed shard still to read, of every rank
+  /// (their footers give the frame counts): growing it shard by shard, or rank by rank, copied
+  /// the whole table each time. Not for a lazy reader: most shards will be deferred.
+  void reserve_for_new_shards() {
     std::size_t frames = 0;
-    for (auto& [seq, sh] : st.shards) {
-      if (lazy) break;
-      if (sh.done || sh.header_ok) continue;
-      const std::string& path = shard_paths[sh.id];
-      Fd f(path);
-      if (f.fd < 0) continue;
-      struct stat sb;
-      if (::fstat(f.fd, &sb) != 0 || static_cast<uint64_t>(sb.st_size) < kShardHeaderSize + kFooterSize)
-        continue;
-      uint8_t foot[kFooterSize];
-      uint64_t ioff, ilen;
-      uint32_t nframes;
-      // A footer is not trusted yet: a frame takes >= 32 bytes plus >= 40 in the index, so a
-      // count the file cannot hold is ignored here (and rejected when the index is read).
-      if (pread_full(f.fd, foot, kFooterSize, static_cast<uint64_t>(sb.st_size) - kFooterSize, path) &&
-          decode_footer(foot, &ioff, &ilen, &nframes) &&
-          nframes <= static_cast<uint64_t>(sb.st_size) / (2 * kFrameHeaderSize))
-        frames += nframes;
-    }
+    for (auto& [rank, st] : streams)
+      for (auto& [seq, sh] : st.shards) {
+        if (sh.done || sh.header_ok) continue;
+        const std::string& path = shard_paths[sh.id];
+        Fd f(path);
+        if (f.fd < 0) continue;
+        struct stat sb;
+        if (::fstat(f.fd, &sb) != 0 || static_cast<uint64_t>(sb.st_size) < kShardHeaderSize + kFooterSize)
+          continue;
+        uint8_t foot[kFooterSize];
+        uint64_t ioff, ilen;
+        uint32_t nframes;
+        // A footer is not trusted yet: a frame takes >= 32 bytes plus >= 40 in the index, so a
+        // count the file cannot hold is ignored here (and rejected when the index is read).
+        if (pread_full(f.fd, foot, kFooterSize, static_cast<uint64_t>(sb.st_size) - kFooterSize, path) &&
+            decode_footer(foot, &ioff, &ilen, &nframes) &&
+            nframes <= static_cast<uint64_t>(sb.st_size) / (2 * kFrameHeaderSize))
+          frames += nframes;
+      }
     if (frames && rows.capacity() < rows.size() + frames) {
       rows.reserve(rows.size() + frames);
       stats.reserve(rows.size() + frames);
     }
+  }
+
+  std::size_t refresh_stream(Stream& st) {
     std::size_t new_steps = 0;
     for (auto it = st.shards.begin(); it != st.shards.end(); ++it) {
       Shard& sh = it->second;
@@ -1043,7 +1046,10 @@ std::size_t RunReader::refresh() {
   std::size_t n = 0;
   try {
     for (auto& [rank, st] : s.streams) s.list_stream(st);
-    if (s.lazy) s.prefetch_new_shards();
+    if (s.lazy)
+      s.prefetch_new_shards();
+    else
+      s.reserve_for_new_shards();
     for (auto& [rank, st] : s.streams) n += s.refresh_stream(st);
   } catch (...) {
     s.release_buffers();
