@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['CudaPendingStats', 'ErrorCode', 'GpuCapture', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'cuda_compute_stats', 'fsck_check_shard', 'fsck_write_sealed_copy', 'get_num_threads', 'set_num_threads']
+__all__: list[str] = ['CudaPendingStats', 'ErrorCode', 'GpuCapture', 'Record', 'RunReader', 'Stats', 'StreamWriter', 'compute_stats', 'compute_stats_many', 'cuda_available', 'cuda_built', 'cuda_compute_stats', 'fsck_check_shard', 'fsck_check_tensor_index', 'fsck_rewrite_tensor_index', 'fsck_write_sealed_copy', 'get_num_threads', 'set_num_threads']
 class ErrorCode:
     """
     Categories of core errors (see docs/FORMAT.md).
@@ -258,8 +258,10 @@ class StreamWriter:
         roll_seconds: ... or once it is this old.
         threads: Encoder threads.
         fsync: fsync shards when sealed and on close.
+        tensor_index: Write a tensor index beside each sealed shard (FORMAT.md §3.8), so that a
+            reader opens the run from its commits and names and reads one tensor's records alone.
     """
-    def __init__(self, run_dir: str, rank: typing.SupportsInt | typing.SupportsIndex = 0, codec: str = 'shuffle-zstd', level: typing.SupportsInt | typing.SupportsIndex = 1, chunk_size: typing.SupportsInt | typing.SupportsIndex = 1048576, max_pending_bytes: typing.SupportsInt | typing.SupportsIndex = 536870912, policy: str = 'block', roll_bytes: typing.SupportsInt | typing.SupportsIndex = 268435456, roll_seconds: typing.SupportsFloat | typing.SupportsIndex = 30.0, threads: typing.SupportsInt | typing.SupportsIndex = 2, fsync: bool = True) -> None:
+    def __init__(self, run_dir: str, rank: typing.SupportsInt | typing.SupportsIndex = 0, codec: str = 'shuffle-zstd', level: typing.SupportsInt | typing.SupportsIndex = 1, chunk_size: typing.SupportsInt | typing.SupportsIndex = 1048576, max_pending_bytes: typing.SupportsInt | typing.SupportsIndex = 536870912, policy: str = 'block', roll_bytes: typing.SupportsInt | typing.SupportsIndex = 268435456, roll_seconds: typing.SupportsFloat | typing.SupportsIndex = 30.0, threads: typing.SupportsInt | typing.SupportsIndex = 2, fsync: bool = True, tensor_index: bool = True) -> None:
         ...
     def close(self) -> None:
         """
@@ -348,8 +350,10 @@ class RunReader:
     Reader of a run directory (all ranks). Sees committed steps only; ``refresh`` picks up what
     writers appended since. ``strict=False`` lists corruption in ``problems`` instead of raising.
     """
-    def __init__(self, run_dir: str, strict: bool = True) -> None:
-        ...
+    def __init__(self, run_dir: str, strict: bool = True, lazy: bool = True) -> None:
+        """
+        ``lazy``: sealed shards with a tensor index are opened from its directory (commits and names) and a tensor's records are read when a query first asks for it.
+        """
     def commits(self, start: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
         """
         Committed steps as columns: rank, step, mode_step, mode, wall_time, num_tensors (commits from number ``start`` on, in the order the reader saw them).
@@ -360,6 +364,10 @@ class RunReader:
         ...
     def names(self) -> list[str]:
         ...
+    def num_deferred_records(self) -> int:
+        """
+        Records of shards opened lazily that no query has loaded yet.
+        """
     def num_records(self) -> int:
         ...
     def ranks(self) -> list[int]:
@@ -523,6 +531,21 @@ def fsck_check_shard(path: str, rank: typing.SupportsInt | typing.SupportsIndex 
     
     Raises:
         StoreIOError: the file cannot be read.
+    """
+def fsck_check_tensor_index(shard_path: str, rank: typing.SupportsInt | typing.SupportsIndex, seq: typing.SupportsInt | typing.SupportsIndex) -> tuple[str, str]:
+    """
+    Compares a shard's tensor index (``shard-N.tvt``) with what its INDEX frame gives.
+    
+    Returns:
+        ``(state, message)``: state is "ok", "absent", "corrupt", "stale" or "orphan" (the shard
+        is not sealed).
+    
+    Raises:
+        DataCorruptionError: the shard's own index is corrupt.
+    """
+def fsck_rewrite_tensor_index(shard_path: str, rank: typing.SupportsInt | typing.SupportsIndex, seq: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    """
+    Rewrites a sealed shard's tensor index from its INDEX frame (atomically), or removes it when the shard is not sealed. Returns True when a file was written.
     """
 def fsck_write_sealed_copy(path: str, upto: typing.SupportsInt | typing.SupportsIndex, out_path: str) -> int:
     """

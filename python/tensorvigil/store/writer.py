@@ -65,6 +65,8 @@ class StoreWriter:
             (default 30 s; 5 s for object storage).
         threads: Native encoder threads.
         fsync: fsync shards when sealed and on close.
+        tensor_index: Write a tensor index beside each sealed shard (FORMAT.md §3.8): readers
+            then open the run from commits and names and read one tensor's records alone.
         staging_dir: Object storage only: the local staging directory (default
             ``$TV_STAGING_DIR`` or the temp directory, one folder per run URL).
         upload_interval: Object storage only: seconds between upload scans.
@@ -90,6 +92,7 @@ class StoreWriter:
         roll_seconds: Optional[float] = None,
         threads: int = 2,
         fsync: bool = True,
+        tensor_index: bool = True,
         staging_dir: Optional[str] = None,
         upload_interval: float = 1.0,
     ) -> None:
@@ -124,6 +127,7 @@ class StoreWriter:
             roll_seconds=roll_seconds,
             threads=threads,
             fsync=fsync,
+            tensor_index=tensor_index,
         )
         if self._uploader is not None:
             self._uploader.start()
