@@ -130,3 +130,26 @@ def mutate(data: bytes, rng) -> bytearray:
         k = int(rng.integers(1, 16))
         b[a : a + k] = rng.integers(0, 256, size=k, dtype="u1").tobytes()
     return b
+
+
+def fix_tensor_index_checksums(b: bytearray) -> None:
+    """Recomputes the checksums of a (mutated) tensor index (FORMAT.md §3.8) where its layout
+    can still be followed: every block's, the directory's, the header's."""
+    if len(b) < 72:
+        return
+    ncommits, nnames, nshapes = struct.unpack_from("<III", b, 36)
+    (dir_len,) = struct.unpack_from("<Q", b, 48)
+    end = min(len(b), 72 + dir_len)
+    pos = 72 + 32 * ncommits
+    try:
+        for _ in range(nshapes):
+            pos += 1 + 8 * b[pos]
+        for _ in range(nnames):
+            off, count, _crc, nlen = struct.unpack_from("<QIIH", b, pos)
+            if off + 168 * count <= len(b):
+                struct.pack_into("<I", b, pos + 12, crc32c(bytes(b[off : off + 168 * count])))
+            pos += 18 + nlen
+    except (IndexError, struct.error):
+        pass
+    struct.pack_into("<I", b, 56, crc32c(bytes(b[72:end])))
+    struct.pack_into("<I", b, 68, crc32c(bytes(b[:68])))
