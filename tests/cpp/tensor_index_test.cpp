@@ -168,7 +168,9 @@ TEST(TensorIndex, WriterWritesTheTableOfEachSealedShard) {
   for (const std::string& t : indexes) {
     TensorTable got = read_tensor_index(t);
     for (std::size_t k = 0; k < got.names.size(); ++k)
-      if (got.names[k] == "never") EXPECT_TRUE(got.records[k].empty());
+      if (got.names[k] == "never") {
+        EXPECT_TRUE(got.records[k].empty());
+      }
   }
 }
 
