@@ -75,19 +75,21 @@ struct ReaderHandle {
   mutable std::shared_mutex mu;
 };
 
-/// Lazy readers: loads the records of `name_ids` (all tensors when empty) unless they are
-/// loaded, then runs `f(reader)` with the lock held shared. A refresh between the load and the
-/// query can defer new shards again, so the check is repeated under the shared lock.
+/// Lazy readers: loads the records of `name_ids` (all tensors when empty) of `ranks` (all
+/// when empty) unless they are loaded, then runs `f(reader)` with the lock held shared. A
+/// refresh between the load and the query can defer new shards again, so the check is
+/// repeated under the shared lock.
 template <typename F>
-auto with_loaded(const ReaderHandle& h, const std::vector<uint32_t>& name_ids, F&& f) {
+auto with_loaded(const ReaderHandle& h, const std::vector<uint32_t>& name_ids,
+                 const std::vector<uint32_t>& ranks, F&& f) {
   for (;;) {
     {
       SHARED(h);
-      if (r.loaded(name_ids)) return f(r);
+      if (r.loaded(name_ids, ranks)) return f(r);
     }
     py::gil_scoped_release nogil;
     std::unique_lock<std::shared_mutex> lk(h.mu);
-    h.reader->load(name_ids);
+    h.reader->load(name_ids, ranks);
   }
 }
 
@@ -100,7 +102,7 @@ std::optional<RecordInfo> find_loaded(const ReaderHandle& h, const std::string& 
     id = r.name_id(name);
   }
   if (id < 0) return std::nullopt;
-  return with_loaded(h, {static_cast<uint32_t>(id)}, [&](const RunReader& r) {
+  return with_loaded(h, {static_cast<uint32_t>(id)}, {rank}, [&](const RunReader& r) {
     return r.find(static_cast<uint32_t>(id), step, rank);
   });
 }
@@ -391,7 +393,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
       .def_property_readonly("problems", [](const ReaderHandle& h) { SHARED(h); return r.problems(); })
       .def("num_records",
            [](const ReaderHandle& h) {
-             return with_loaded(h, {}, [](const RunReader& r) { return r.num_records(); });
+             return with_loaded(h, {}, {}, [](const RunReader& r) { return r.num_records(); });
            })
       .def("num_deferred_records", [](const ReaderHandle& h) { SHARED(h); return r.num_deferred_records(); },
            "Records of shards opened lazily that no query has loaded yet.")
@@ -501,7 +503,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
              std::optional<int64_t> step_min, std::optional<int64_t> step_max, int mode) {
             store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
                                              step_max, mode);
-            return with_loaded(h, sel.name_ids, [&](const RunReader& r) {
+            return with_loaded(h, sel.name_ids, sel.ranks, [&](const RunReader& r) {
               std::vector<std::size_t> idx = r.select(sel);
               return row_columns(r, idx.data(), idx.size(), {});
             });
@@ -516,7 +518,7 @@ writers appended since. ``strict=False`` lists corruption in ``problems`` instea
             store::Selection sel = selection(std::move(name_ids), std::move(ranks), step_min,
                                              step_max, mode);
             std::vector<std::size_t> idx =
-                with_loaded(h, sel.name_ids, [&](const RunReader& r) { return r.select(sel); });
+                with_loaded(h, sel.name_ids, sel.ranks, [&](const RunReader& r) { return r.select(sel); });
             auto out = column<uint64_t>(idx.size());
             std::copy(idx.begin(), idx.end(), out.mutable_data());
             return out;

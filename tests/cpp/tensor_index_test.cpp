@@ -189,9 +189,16 @@ TEST(TensorIndex, LazyReaderSeesWhatAnEagerReaderSees) {
     EXPECT_GT(lazy.num_deferred_records(), 0u);
     EXPECT_EQ(lazy.num_records() + lazy.num_deferred_records() >= eager.num_records(), true);
     const uint32_t z = static_cast<uint32_t>(lazy.name_id("z"));
+    const uint32_t y = static_cast<uint32_t>(lazy.name_id("y"));
+    EXPECT_FALSE(lazy.loaded({y}, {0}));
+    const std::size_t before = lazy.num_deferred_records();
+    lazy.load({y}, {1});  // rank 1 has no y: nothing to load
+    EXPECT_EQ(lazy.num_deferred_records(), before);
+    EXPECT_TRUE(lazy.loaded({y}, {1}));
+    EXPECT_FALSE(lazy.loaded({y}, {0}));
     EXPECT_FALSE(lazy.loaded({z}));
-    lazy.load({z});
-    EXPECT_TRUE(lazy.loaded({z}));
+    lazy.load({z}, {1});
+    EXPECT_TRUE(lazy.loaded({z}));  // z is rank 1's only
     EXPECT_FALSE(lazy.loaded({}));
     Selection zsel;
     zsel.name_ids = {z};

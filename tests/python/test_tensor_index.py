@@ -51,6 +51,12 @@ def test_open_reads_directories_and_a_query_loads_one_tensor(tmp_path):
     assert run._r.num_deferred_records() == total  # nothing decoded at open...
     assert run.ranks() == [0, 1] and run.steps() == list(range(40))  # ...yet steps and names
     assert run.tensor_names() == sorted(NAMES)
+    # One rank's record of one tensor loads that tensor of that rank only.
+    assert run.tensor("loss").record(5, rank=1).stats.numel == 32
+    assert run._r.num_deferred_records() == total - 40
+    assert run.stats("loss", ranks=[1]).num_rows == 40
+    assert run._r.num_deferred_records() == total - 40
+    total -= 40
     table = run.stats("fc.bias")
     assert table.num_rows == 80
     assert run._r.num_deferred_records() == total - 80  # only that tensor was loaded
@@ -70,7 +76,7 @@ def test_open_reads_directories_and_a_query_loads_one_tensor(tmp_path):
     assert run._r.num_deferred_records() == 0
     r = _core.RunReader(run_dir, True, False)
     cols = r.stats_columns()
-    assert len(everything["step"]) == len(cols["step"]) == total
+    assert len(everything["step"]) == len(cols["step"]) == total + 40
     assert sorted(everything["mean"]) == sorted(cols["mean"].tolist())
     assert run.problems == []
 

@@ -759,34 +759,63 @@ struct RunReader::Impl {
     std::vector<uint32_t>().swap(load_order);
   }
 
-  bool loaded(const std::vector<uint32_t>& ids) const {
-    if (ids.empty()) return unloaded_total == 0;
-    for (uint32_t id : ids)
-      if (id < unloaded_of_name.size() && unloaded_of_name[id]) return false;
-    return true;
+  /// Whether every record of tensors `ids` (all when empty) of ranks `ranks` (all when empty)
+  /// is loaded.
+  bool loaded(const std::vector<uint32_t>& ids, const std::vector<uint32_t>& ranks) const {
+    if (ranks.empty()) {
+      if (ids.empty()) return unloaded_total == 0;
+      for (uint32_t id : ids)
+        if (id < unloaded_of_name.size() && unloaded_of_name[id]) return false;
+      return true;
+    }
+    bool found = true;
+    for_each_unloaded(ids, ranks, [&](uint32_t, uint32_t) { found = false; });
+    return found;
   }
 
-  void load(const std::vector<uint32_t>& ids) {
-    if (loaded(ids)) return;
-    std::map<uint32_t, std::vector<uint32_t>> todo;  // deferred shard -> blocks, in shard order
+  /// Calls fn(deferred shard, block) for every block not loaded yet of tensors `ids` (all when
+  /// empty) of ranks `ranks` (all when empty).
+  template <typename F>
+  void for_each_unloaded(const std::vector<uint32_t>& ids, const std::vector<uint32_t>& ranks, F&& fn) const {
+    auto rank_ok = [&](uint32_t r) {
+      return ranks.empty() || std::find(ranks.begin(), ranks.end(), r) != ranks.end();
+    };
     if (ids.empty()) {
-      for (uint32_t di = 0; di < deferred.size(); ++di)
+      for (uint32_t di = 0; di < deferred.size(); ++di) {
+        if (!rank_ok(deferred[di].rank)) continue;
         for (uint32_t b = 0; b < deferred[di].blocks.size(); ++b)
-          if (!deferred[di].blocks[b].loaded) todo[di].push_back(b);
-    } else {
-      for (uint32_t id : ids) {
-        if (id >= blocks_of_name.size() || !unloaded_of_name[id]) continue;
-        for (auto [di, b] : blocks_of_name[id])
-          if (!deferred[di].blocks[b].loaded) todo[di].push_back(b);
+          if (!deferred[di].blocks[b].loaded) fn(di, b);
       }
+      return;
     }
-    // The record table grows once for everything this load brings (by the shard's frame
-    // count: a replay reserves for that many before it filters the frames).
-    std::size_t total = 0;
+    for (uint32_t id : ids) {
+      if (id >= blocks_of_name.size() || !unloaded_of_name[id]) continue;
+      for (auto [di, b] : blocks_of_name[id])
+        if (!deferred[di].blocks[b].loaded && rank_ok(deferred[di].rank)) fn(di, b);
+    }
+  }
+
+  void load(const std::vector<uint32_t>& ids, const std::vector<uint32_t>& ranks) {
+    std::map<uint32_t, std::vector<uint32_t>> todo;  // deferred shard -> blocks, in shard order
+    for_each_unloaded(ids, ranks, [&](uint32_t di, uint32_t b) { todo[di].push_back(b); });
+    if (todo.empty()) return;
+    // Most of a shard wanted: its own index is the faster way (and gives file order).
+    std::vector<uint32_t> replay;
+    std::vector<std::pair<uint32_t, std::vector<uint32_t>>> blocks;  // the others
+    std::size_t total = 0;  // the record table grows once for everything this load brings
     for (auto& [di, which] : todo) {
-      std::size_t n = 0;
-      for (uint32_t b : which) n += deferred[di].blocks[b].count;
-      total += std::max<std::size_t>(n, deferred[di].dir.num_frames);
+      std::sort(which.begin(), which.end());
+      const Deferred& d = deferred[di];
+      uint64_t want = 0, all = 0;
+      for (uint32_t b : which) want += d.blocks[b].count;
+      for (const Block& b : d.blocks) all += b.count;
+      if (2 * want >= all) {
+        replay.push_back(di);
+        total += d.dir.num_frames;  // a replay reserves for every frame before it filters
+      } else {
+        blocks.emplace_back(di, std::move(which));
+        total += want;
+      }
     }
     if (rows.capacity() < rows.size() + total) {  // geometric: loads come one tensor at a time
       const std::size_t cap = std::max(rows.size() + total, rows.capacity() + rows.capacity() / 2);
@@ -794,15 +823,11 @@ struct RunReader::Impl {
       stats.reserve(cap);
     }
     try {
-      // Most of a shard wanted: its own index is the faster way (and gives file order).
-      std::vector<std::pair<uint32_t, std::vector<uint32_t>>> blocks;  // the others
-      for (auto& [di, which] : todo) {
-        std::sort(which.begin(), which.end());
-        const Deferred& d = deferred[di];
-        uint64_t want = 0, all = 0;
-        for (uint32_t b : which) want += d.blocks[b].count;
-        for (const Block& b : d.blocks) all += b.count;
-        if (2 * want >= all && replay_deferred(di)) continue;
+      for (uint32_t di : replay) {
+        if (replay_deferred(di)) continue;
+        std::vector<uint32_t> which;  // its own index failed: read its tensor index instead
+        for (uint32_t b = 0; b < deferred[di].blocks.size(); ++b)
+          if (!deferred[di].blocks[b].loaded) which.push_back(b);
         blocks.emplace_back(di, std::move(which));
       }
       // Blocks are read a batch of shards at a time on several threads (on a cold page cache
@@ -1061,11 +1086,13 @@ std::size_t RunReader::refresh() {
   return n;
 }
 
-bool RunReader::loaded(const std::vector<uint32_t>& name_ids) const { return impl_->loaded(name_ids); }
+bool RunReader::loaded(const std::vector<uint32_t>& name_ids, const std::vector<uint32_t>& ranks) const {
+  return impl_->loaded(name_ids, ranks);
+}
 
-void RunReader::load(const std::vector<uint32_t>& name_ids) {
+void RunReader::load(const std::vector<uint32_t>& name_ids, const std::vector<uint32_t>& ranks) {
   std::unique_lock<std::shared_mutex> lock(impl_->mu);
-  impl_->load(name_ids);
+  impl_->load(name_ids, ranks);
 }
 
 std::size_t RunReader::num_deferred_records() const {

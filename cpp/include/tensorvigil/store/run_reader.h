@@ -130,11 +130,13 @@ class RunReader {
   /// Reads what was appended since the last call. Returns the number of newly committed steps.
   std::size_t refresh();
 
-  /// Lazy mode: true when every record of these tensors (all tensors when empty) is loaded.
-  bool loaded(const std::vector<uint32_t>& name_ids) const;
-  /// Lazy mode: loads the records of these tensors (all when empty) from every deferred shard.
-  /// Must not overlap other calls but read_value()/load_histograms() (like refresh()).
-  void load(const std::vector<uint32_t>& name_ids);
+  /// Lazy mode: true when every record of these tensors (all tensors when empty) of these
+  /// ranks (all when empty) is loaded.
+  bool loaded(const std::vector<uint32_t>& name_ids, const std::vector<uint32_t>& ranks = {}) const;
+  /// Lazy mode: loads the records of these tensors (all when empty) of these ranks (all when
+  /// empty) from the deferred shards. Must not overlap other calls but
+  /// read_value()/load_histograms() (like refresh()).
+  void load(const std::vector<uint32_t>& name_ids, const std::vector<uint32_t>& ranks = {});
   /// Records of deferred shards not loaded yet (0 unless lazy).
   std::size_t num_deferred_records() const;
 
