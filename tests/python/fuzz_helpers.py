@@ -153,3 +153,36 @@ def fix_tensor_index_checksums(b: bytearray) -> None:
         pass
     struct.pack_into("<I", b, 56, crc32c(bytes(b[72:end])))
     struct.pack_into("<I", b, 68, crc32c(bytes(b[:68])))
+
+
+def run_mutations(path, fix, check, count, seed, typed_errors, finding) -> tuple:
+    """Writes ``count`` mutations of the file at ``path`` (half with ``fix`` applied to their
+    checksums) and calls ``check(fixed)`` after each. Returns (ok, typed): checks that passed
+    and those that ended in one of ``typed_errors``. Anything else saves the mutation to
+    ``finding``, prints the traceback and exits 1 (the caller is a child process)."""
+    import sys
+    import traceback
+
+    import numpy as np
+
+    good = open(path, "rb").read()
+    rng = np.random.default_rng(seed)
+    ok = typed = 0
+    for _ in range(count):
+        b = mutate(good, rng)
+        fixed = bool(rng.integers(2))
+        if fixed:
+            fix(b)
+        with open(path, "wb") as f:
+            f.write(b)
+        try:
+            check(fixed)
+            ok += 1
+        except typed_errors:
+            typed += 1
+        except BaseException:
+            with open(finding, "wb") as f:
+                f.write(bytes(b))
+            traceback.print_exc()
+            sys.exit(1)
+    return ok, typed

@@ -23,52 +23,40 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 CHILD = textwrap.dedent(
     """
-    import os, sys, traceback
+    import os, sys
     import numpy as np
     sys.path.insert(0, sys.argv[4])
     import tensorvigil as tv
-    from fuzz_helpers import fix_checksums, mutate
+    from fuzz_helpers import fix_checksums, run_mutations
 
     run, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     shard = os.path.join(run, "rank-00000", "shard-00000000.tvs")
-    good = open(shard, "rb").read()
     z = np.load(os.path.join(run, "expected.npz"))
     expected = {"t0": z["t0"], "t1": z["t1"].astype(np.float16), "t2": z["t2"].astype(np.int32)}
-    rng = np.random.default_rng(seed)
-    typed = ok = 0
-    for i in range(count):
-        b = mutate(good, rng)
-        fixed = bool(rng.integers(2))
-        if fixed:
-            fix_checksums(b)
-        with open(shard, "wb") as f:
-            f.write(b)
-        try:
-            for strict in (True, False):
-                r = tv.open(run, strict=strict)
-                r.stats()
-                for name in r.tensor_names():
-                    t = r.tensor(name)
-                    for s in t.steps():
-                        t.stats(s)
-                        try:
-                            v = t.value(s)
-                        except tv.TensorVigilError:
-                            typed += 1
-                            continue
-                        # Without the checksum fix-up, a value that decodes is the original:
-                        # corruption is detected or harmless, never served.
-                        if not fixed:
-                            np.testing.assert_array_equal(v, expected[name])
-            ok += 1
-        except tv.TensorVigilError:
-            typed += 1
-        except BaseException:
-            with open(os.path.join(run, "finding.bin"), "wb") as f:
-                f.write(bytes(b))
-            traceback.print_exc()
-            sys.exit(1)
-    print(ok, typed)
+    typed = 0
+
+    def check(fixed):
+        global typed
+        for strict in (True, False):
+            r = tv.open(run, strict=strict)
+            r.stats()
+            for name in r.tensor_names():
+                t = r.tensor(name)
+                for s in t.steps():
+                    t.stats(s)
+                    try:
+                        v = t.value(s)
+                    except tv.TensorVigilError:
+                        typed += 1
+                        continue
+                    # Without the checksum fix-up, a value that decodes is the original:
+                    # corruption is detected or harmless, never served.
+                    if not fixed:
+                        np.testing.assert_array_equal(v, expected[name])
+
+    ok, typed_opens = run_mutations(shard, fix_checksums, check, count, seed,
+                                    tv.TensorVigilError, os.path.join(run, "finding.bin"))
+    print(ok, typed + typed_opens)
     """
 )
 
@@ -102,57 +90,40 @@ def test_mutated_shards_give_data_or_typed_errors(tmp_run, seed):
 
 TINDEX_CHILD = textwrap.dedent(
     """
-    import os, sys, traceback
+    import os, sys
     import numpy as np
     sys.path.insert(0, sys.argv[4])
     import tensorvigil as tv
     from tensorvigil import _core
-    from fuzz_helpers import fix_tensor_index_checksums, mutate
+    from fuzz_helpers import fix_tensor_index_checksums, run_mutations
 
     run, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     path = os.path.join(run, "rank-00000", "shard-00000000.tvt")
-    good = open(path, "rb").read()
-    eager = _core.RunReader(run, True, False)
-    want = {k: v for k, v in eager.stats_columns().items() if k != "name_id"}
-    rng = np.random.default_rng(seed)
-    typed = ok = 0
 
     def table(r):
         cols = r.stats_columns()
         order = np.lexsort((cols["step"], cols["name_id"]))
         return {k: v[order] for k, v in cols.items() if k != "name_id"}
 
-    order = np.lexsort((eager.stats_columns()["step"], eager.stats_columns()["name_id"]))
-    want = {k: v[order] for k, v in want.items()}
-    for i in range(count):
-        b = mutate(good, rng)
-        fixed = bool(rng.integers(2))
-        if fixed:
-            fix_tensor_index_checksums(b)
-        with open(path, "wb") as f:
-            f.write(b)
-        try:
-            for strict in (True, False):
-                r = tv.open(run, strict=strict)
-                for name in r.tensor_names():
-                    t = r.tensor(name)
-                    for s in t.steps():
-                        t.stats(s)
-                        t.value(s) if name != "s" else None
-                got = table(r._r)
-                # Unless the mutation came with valid checksums, the statistics are the
-                # shard's own: a damaged tensor index is detected, never believed.
-                if not fixed:
-                    for k in want:
-                        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-            ok += 1
-        except tv.TensorVigilError:
-            typed += 1
-        except BaseException:
-            with open(os.path.join(run, "finding.bin"), "wb") as f:
-                f.write(bytes(b))
-            traceback.print_exc()
-            sys.exit(1)
+    want = table(_core.RunReader(run, True, False))
+
+    def check(fixed):
+        for strict in (True, False):
+            r = tv.open(run, strict=strict)
+            for name in r.tensor_names():
+                t = r.tensor(name)
+                for s in t.steps():
+                    t.stats(s)
+                    t.value(s) if name != "s" else None
+            got = table(r._r)
+            # Unless the mutation came with valid checksums, the statistics are the shard's
+            # own: a damaged tensor index is detected, never believed.
+            if not fixed:
+                for k in want:
+                    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+    ok, typed = run_mutations(path, fix_tensor_index_checksums, check, count, seed,
+                              tv.TensorVigilError, os.path.join(run, "finding.bin"))
     print(ok, typed)
     """
 )
