@@ -52,6 +52,30 @@ struct Span {
   uint32_t count;
 };
 
+/// The table row of a record of `rank`'s shard `shard`.
+RecordRow row_of(const TableRecord& t, uint32_t name_id, uint32_t rank, uint32_t shard, uint32_t shape_id) {
+  RecordRow r;
+  r.step = t.step;
+  r.mode_step = t.mode_step;
+  r.wall_time = t.wall_time;
+  r.raw_nbytes = t.raw_nbytes;
+  r.frame_offset = t.frame_offset;
+  r.payload_len = t.payload_len;
+  r.name_id = name_id;
+  r.rank = rank;
+  r.shard = shard;
+  r.shape_id = shape_id;
+  r.meta_len = t.meta_len;
+  r.meta_crc = t.meta_crc;
+  r.payload_crc = t.payload_crc;
+  r.flags = t.flags;
+  r.mode = t.mode;
+  r.dtype = t.dtype;
+  r.codec = t.codec;
+  r.hists = t.hists;
+  return r;
+}
+
 /// Reads exactly n bytes at off; returns false when the file is shorter.
 bool pread_full(int fd, void* buf, std::size_t n, uint64_t off, const std::string& path) {
   auto* p = static_cast<uint8_t*>(buf);
@@ -317,29 +341,9 @@ struct RunReader::Impl {
       case FrameKind::kTensor: {
         TensorMetaView m;
         decode_tensor_meta_view(meta, h.meta_len, where, &m);
-        bool has_payload = (h.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
-        if (has_payload && m.raw_nbytes > 0 && h.payload_len < container_header_size(1))
-          corrupt("[" + where + "] payload missing for tensor '" + std::string(m.name) + "'");
-        RecordRow r;
-        r.name_id = intern_next(st, m.name);
-        r.rank = st.rank;
-        r.step = m.step;
-        r.mode_step = m.mode_step;
-        r.mode = m.mode;
-        r.dtype = m.dtype;
-        r.codec = h.codec;
-        r.flags = h.flags;
-        r.shape_id = intern_shape(r.name_id, m.shape, m.ndim);
-        r.raw_nbytes = m.raw_nbytes;
-        r.wall_time = m.wall_time;
-        r.shard = sh.id;
-        r.frame_offset = off;
-        r.meta_len = h.meta_len;
-        r.meta_crc = h.meta_crc;
-        r.payload_len = h.payload_len;
-        r.payload_crc = h.payload_crc;
-        r.hists = m.stats.has_hists();
-        st.pending.push_back(Pending{r, ScalarStats::of(m.stats)});
+        const TableRecord t = table_record(m, h, off, where);
+        const uint32_t name_id = intern_next(st, m.name);
+        st.pending.push_back(Pending{row_of(t, name_id, st.rank, sh.id, intern_shape(name_id, m.shape, m.ndim)), t.stats});
         return true;
       }
       case FrameKind::kCommit: {
@@ -679,25 +683,7 @@ struct RunReader::Impl {
       const uint32_t commit = load_recs[load_order[i]].commit;
       for (; i < total && load_recs[load_order[i]].commit == commit; ++i) {
         const TableRecord& t = load_recs[load_order[i]];
-        RecordRow r;
-        r.step = t.step;
-        r.mode_step = t.mode_step;
-        r.wall_time = t.wall_time;
-        r.raw_nbytes = t.raw_nbytes;
-        r.frame_offset = t.frame_offset;
-        r.payload_len = t.payload_len;
-        r.name_id = load_names[load_order[i]];
-        r.rank = d.rank;
-        r.shard = d.shard_id;
-        r.shape_id = t.shape;
-        r.meta_len = t.meta_len;
-        r.meta_crc = t.meta_crc;
-        r.payload_crc = t.payload_crc;
-        r.flags = t.flags;
-        r.mode = t.mode;
-        r.dtype = t.dtype;
-        r.codec = t.codec;
-        r.hists = t.hists;
+        const RecordRow r = row_of(t, load_names[load_order[i]], d.rank, d.shard_id, t.shape);
         if (r.name_id != last_name) {
           sv = &series_for(r.name_id, r.rank);
           last_name = r.name_id;

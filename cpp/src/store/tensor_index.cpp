@@ -40,6 +40,30 @@ struct PendingRec {
 
 }  // namespace
 
+TableRecord table_record(const TensorMetaView& v, const FrameHeader& h, uint64_t offset,
+                         const std::string& where) {
+  const bool has_payload = (h.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
+  if (has_payload && v.raw_nbytes > 0 && h.payload_len < container_header_size(1))
+    bad(where, "payload missing for tensor '" + std::string(v.name) + "'");
+  TableRecord r;
+  r.step = v.step;
+  r.mode_step = v.mode_step;
+  r.wall_time = v.wall_time;
+  r.raw_nbytes = v.raw_nbytes;
+  r.frame_offset = offset;
+  r.payload_len = h.payload_len;
+  r.meta_len = h.meta_len;
+  r.meta_crc = h.meta_crc;
+  r.payload_crc = h.payload_crc;
+  r.flags = h.flags;
+  r.mode = v.mode;
+  r.dtype = v.dtype;
+  r.codec = h.codec;
+  r.hists = v.stats.has_hists();
+  r.stats = ScalarStats::of(v.stats);
+  return r;
+}
+
 TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
                                uint32_t index_crc, const uint8_t* index_meta, std::size_t len,
                                const std::string& where) {
@@ -58,9 +82,7 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
       case FrameKind::kTensor: {
         TensorMetaView v;
         decode_tensor_meta_view(m, h.meta_len, at, &v);
-        const bool has_payload = (h.flags & (kFlagStatsOnly | kFlagDropped)) == 0;
-        if (has_payload && v.raw_nbytes > 0 && h.payload_len < container_header_size(1))
-          bad(at, "payload missing for tensor '" + std::string(v.name) + "'");
+        TableRecord r = table_record(v, h, off, at);
         auto [it, fresh] = name_ids.emplace(v.name, static_cast<uint32_t>(t.names.size()));
         if (fresh) {
           t.names.emplace_back(v.name);
@@ -69,23 +91,7 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
         std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
         auto [sit, snew] = shape_ids.emplace(std::move(shape), static_cast<uint32_t>(t.shapes.size()));
         if (snew) t.shapes.push_back(sit->first);
-        TableRecord r;
-        r.step = v.step;
-        r.mode_step = v.mode_step;
-        r.wall_time = v.wall_time;
-        r.raw_nbytes = v.raw_nbytes;
-        r.frame_offset = off;
-        r.payload_len = h.payload_len;
-        r.meta_len = h.meta_len;
-        r.meta_crc = h.meta_crc;
-        r.payload_crc = h.payload_crc;
         r.shape = sit->second;
-        r.flags = h.flags;
-        r.mode = v.mode;
-        r.dtype = v.dtype;
-        r.codec = h.codec;
-        r.hists = v.stats.has_hists();
-        r.stats = ScalarStats::of(v.stats);
         pending.push_back(PendingRec{it->second, r});
         break;
       }

@@ -80,6 +80,11 @@ struct TensorTable {
   std::vector<std::vector<TableRecord>> records;
 };
 
+/// The record of a decoded TENSOR frame at `offset` (shape and commit left 0). DataLoss, naming
+/// `where`, when the frame should carry a payload and has none.
+TableRecord table_record(const TensorMetaView& v, const FrameHeader& h, uint64_t offset,
+                         const std::string& where);
+
 /// Builds the table of a sealed shard from its INDEX frame's meta (`index_meta`, `len` bytes,
 /// whose checksum is `index_crc`), applying §9.4: only committed TENSOR frames, in commit
 /// order. DataLoss on any inconsistency of the index.
