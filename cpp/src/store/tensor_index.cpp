@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -75,9 +76,12 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
   std::unordered_map<std::string_view, uint32_t> name_ids;  // views into index_meta
   std::map<std::vector<int64_t>, uint32_t> shape_ids;
   std::vector<PendingRec> pending;
+  std::vector<uint32_t> last_shape;  // per name
   std::string at;
   t.num_frames = for_each_index_entry(index_meta, len, where, [&](uint64_t off, const FrameHeader& h, const uint8_t* m) {
-    at = where + "@" + std::to_string(off);
+    at.assign(where);  // reused: a fresh string per frame was a measurable part of a seal
+    at += '@';
+    at += std::to_string(off);
     switch (h.kind) {
       case FrameKind::kTensor: {
         TensorMetaView v;
@@ -87,11 +91,18 @@ TensorTable build_tensor_table(uint32_t rank, uint32_t seq, uint64_t shard_size,
         if (fresh) {
           t.names.emplace_back(v.name);
           t.records.emplace_back();
+          last_shape.push_back(UINT32_MAX);
         }
-        std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
-        auto [sit, snew] = shape_ids.emplace(std::move(shape), static_cast<uint32_t>(t.shapes.size()));
-        if (snew) t.shapes.push_back(sit->first);
-        r.shape = sit->second;
+        // A tensor usually keeps its shape: try its last one before the map.
+        uint32_t& last = last_shape[it->second];
+        if (last == UINT32_MAX || t.shapes[last].size() != v.ndim ||
+            !std::equal(v.shape, v.shape + v.ndim, t.shapes[last].begin())) {
+          std::vector<int64_t> shape(v.shape, v.shape + v.ndim);
+          auto [sit, snew] = shape_ids.emplace(std::move(shape), static_cast<uint32_t>(t.shapes.size()));
+          if (snew) t.shapes.push_back(sit->first);
+          last = sit->second;
+        }
+        r.shape = last;
         pending.push_back(PendingRec{it->second, r});
         break;
       }
@@ -143,36 +154,41 @@ std::vector<uint8_t> encode_tensor_index(const TensorTable& t) {
   uint64_t dir_len = d.bytes().size();
   for (const auto& n : t.names) dir_len += 8 + 4 + 4 + 2 + n.size();
   uint64_t off = kTensorIndexHeaderSize + dir_len;
-  ByteWriter b;  // the blocks
+  // The blocks: fixed-size records written at fixed offsets (the layout decode reads).
+  std::size_t nrec = 0;
+  for (const auto& v : t.records) nrec += v.size();
+  std::vector<uint8_t> blocks(nrec * kTensorIndexRecordSize, 0);
+  uint8_t* q = blocks.data();
+  auto put = [&q](std::size_t at, auto v) { std::memcpy(q + at, &v, sizeof v); };
   for (std::size_t k = 0; k < t.names.size(); ++k) {
-    const std::size_t start = b.bytes().size();
+    const std::size_t start = static_cast<std::size_t>(q - blocks.data());
     for (const TableRecord& r : t.records[k]) {
-      b.put<int64_t>(r.step);
-      b.put<int64_t>(r.mode_step);
-      b.put<double>(r.wall_time);
-      b.put<uint64_t>(r.raw_nbytes);
-      b.put<uint64_t>(r.frame_offset);
-      b.put<uint64_t>(r.payload_len);
-      b.put<uint32_t>(r.meta_len);
-      b.put<uint32_t>(r.meta_crc);
-      b.put<uint32_t>(r.payload_crc);
-      b.put<uint32_t>(r.shape);
-      b.put<uint32_t>(r.commit);
-      b.put<uint16_t>(r.flags);
-      b.put<uint8_t>(static_cast<uint8_t>(r.mode));
-      b.put<uint8_t>(static_cast<uint8_t>(r.dtype));
-      b.put<uint8_t>(static_cast<uint8_t>(r.codec));
-      b.put<uint8_t>(r.hists ? 1 : 0);
-      b.put<uint16_t>(0);
-      b.put<uint32_t>(0);
+      put(0, r.step);
+      put(8, r.mode_step);
+      put(16, r.wall_time);
+      put(24, r.raw_nbytes);
+      put(32, r.frame_offset);
+      put(40, r.payload_len);
+      put(48, r.meta_len);
+      put(52, r.meta_crc);
+      put(56, r.payload_crc);
+      put(60, r.shape);
+      put(64, r.commit);
+      put(68, r.flags);
+      q[70] = static_cast<uint8_t>(r.mode);
+      q[71] = static_cast<uint8_t>(r.dtype);
+      q[72] = static_cast<uint8_t>(r.codec);
+      q[73] = r.hists ? 1 : 0;  // 74..79 stay zero
       const ScalarStats& st = r.stats;
-      for (uint64_t c : {st.numel, st.nan, st.posinf, st.neginf, st.zeros}) b.put<uint64_t>(c);
-      for (double x : {st.min, st.max, st.mean, st.m2, st.abs_sum, st.abs_max}) b.put<double>(x);
+      std::size_t at = 80;
+      for (uint64_t c : {st.numel, st.nan, st.posinf, st.neginf, st.zeros}) put(at, c), at += 8;
+      for (double x : {st.min, st.max, st.mean, st.m2, st.abs_sum, st.abs_max}) put(at, x), at += 8;
+      q += kTensorIndexRecordSize;
     }
-    const std::size_t bytes = b.bytes().size() - start;
+    const std::size_t bytes = static_cast<std::size_t>(q - blocks.data()) - start;
     d.put<uint64_t>(off + start);
     d.put<uint32_t>(static_cast<uint32_t>(t.records[k].size()));
-    d.put<uint32_t>(crc32c(b.bytes().data() + start, bytes));
+    d.put<uint32_t>(crc32c(blocks.data() + start, bytes));
     d.put<uint16_t>(static_cast<uint16_t>(t.names[k].size()));
     d.put_bytes(t.names[k].data(), t.names[k].size());
   }
@@ -193,9 +209,11 @@ std::vector<uint8_t> encode_tensor_index(const TensorTable& t) {
   h.put<uint32_t>(t.num_frames);
   h.put<uint32_t>(0);
   h.put<uint32_t>(crc32c(h.bytes().data(), h.bytes().size()));
-  std::vector<uint8_t> out = std::move(h.bytes());
+  std::vector<uint8_t> out;
+  out.reserve(h.bytes().size() + d.bytes().size() + blocks.size());
+  out.insert(out.end(), h.bytes().begin(), h.bytes().end());
   out.insert(out.end(), d.bytes().begin(), d.bytes().end());
-  out.insert(out.end(), b.bytes().begin(), b.bytes().end());
+  out.insert(out.end(), blocks.begin(), blocks.end());
   return out;
 }
 
