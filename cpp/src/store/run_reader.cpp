@@ -381,20 +381,14 @@ struct RunReader::Impl {
                    bool* sealed) {
     *sealed = false;
     const std::string& path = shard_paths[sh.id];
-    if (size < kShardHeaderSize + kFooterSize) return;
-    uint8_t foot[kFooterSize];
-    if (!pread_full(fd, foot, kFooterSize, size - kFooterSize, path)) return;
-    uint64_t ioff, ilen;
-    uint32_t nframes;
-    if (!decode_footer(foot, &ioff, &ilen, &nframes)) return;  // not sealed (yet): scan
+    const ShardIndexAt at = locate_shard_index(fd, size, path);
+    if (at.state == ShardIndexAt::kUnsealed) return;  // not sealed (yet): scan
     std::string where = "run_reader " + path + " index";
-    if (ioff < kShardHeaderSize || ilen < kFrameHeaderSize || ioff + ilen != size - kFooterSize)
-      corrupt("[" + where + "] footer points outside the file");
-    uint8_t hb[kFrameHeaderSize];
-    FrameHeader h;
-    if (!pread_full(fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &h) ||
-        h.kind != FrameKind::kIndex || h.total() != ilen)
-      corrupt("[" + where + "] bad index frame header");
+    if (at.state == ShardIndexAt::kFooterOutside) corrupt("[" + where + "] footer points outside the file");
+    if (at.state == ShardIndexAt::kBadHeader) corrupt("[" + where + "] bad index frame header");
+    const FrameHeader& h = at.header;
+    const uint64_t ioff = at.offset;
+    const uint32_t nframes = at.num_frames;
     // One uninitialised buffer for every index of a refresh (a zeroed vector per shard cost
     // a memset and fresh pages per index); released when the refresh ends.
     if (index_cap < h.meta_len) {
@@ -476,19 +470,8 @@ struct RunReader::Impl {
   /// Returns false when the shard must be read through its own index instead.
   bool defer(Stream& st, Shard& sh, int fd, uint64_t size, std::size_t* new_steps) {
     const std::string& path = shard_paths[sh.id];
-    if (size < kShardHeaderSize + kFooterSize) return false;
-    uint8_t foot[kFooterSize];
-    uint64_t ioff, ilen;
-    uint32_t nframes;
-    if (!pread_full(fd, foot, kFooterSize, size - kFooterSize, path) ||
-        !decode_footer(foot, &ioff, &ilen, &nframes) || ioff < kShardHeaderSize ||
-        ilen < kFrameHeaderSize || ioff + ilen != size - kFooterSize)
-      return false;
-    uint8_t hb[kFrameHeaderSize];
-    FrameHeader ih;
-    if (!pread_full(fd, hb, kFrameHeaderSize, ioff, path) || !decode_frame_header(hb, &ih) ||
-        ih.kind != FrameKind::kIndex || ih.total() != ilen)
-      return false;
+    const ShardIndexAt at = locate_shard_index(fd, size, path);
+    if (at.state != ShardIndexAt::kFound) return false;  // read_sealed says what is wrong
     const std::string tpath = tensor_index_path(path);
     Fd t(tpath);
     if (t.fd < 0) return false;  // none (an older writer, or not written): not a problem
@@ -504,7 +487,7 @@ struct RunReader::Impl {
       uint32_t dir_crc;
       const uint64_t dir_len = decode_tensor_index_header(th, tsize, where, &d.dir, &dir_crc);
       if (d.dir.rank != st.rank || d.dir.seq != sh.seq || d.dir.shard_size != size ||
-          d.dir.index_crc != ih.meta_crc || d.dir.num_frames != nframes)
+          d.dir.index_crc != at.header.meta_crc || d.dir.num_frames != at.num_frames)
         corrupt("[" + where + "] tensor index does not describe this shard (stale)");
       std::vector<uint8_t> dbuf(dir_len);
       if (!pread_full(t.fd, dbuf.data(), dir_len, kTensorIndexHeaderSize, tpath) ||
@@ -547,9 +530,6 @@ struct RunReader::Impl {
   std::vector<uint32_t> load_order;
   std::vector<uint32_t> load_start;
 
-  /// Fills load_recs/load_names with the records of blocks `which` of deferred shard `d`, read
-  /// from its tensor index; or, when that fails its checks, rebuilt from the shard's own index.
-  /// Their `shape` is an id of the reader's shape table.
   /// Reads blocks `which` of deferred shard `d` back to back into `raw` (one read per run of
   /// consecutive blocks). Touches nothing shared: load() runs it on several threads. Returns
   /// false when the file cannot be opened or is short (read_blocks then says why).
@@ -574,6 +554,10 @@ struct RunReader::Impl {
     return true;
   }
 
+  /// Fills load_recs/load_names with the records of blocks `which` of deferred shard `d`, from
+  /// `raw` (read_raw_blocks(); read here when !have_raw) checked against the tensor index; or,
+  /// when that fails its checks, rebuilt from the shard's own index. Their `shape` is an id of
+  /// the reader's shape table.
   void read_blocks(const Deferred& d, const std::vector<uint32_t>& which, std::vector<uint8_t>* raw,
                    bool have_raw) {
     load_recs.clear();
@@ -692,13 +676,14 @@ struct RunReader::Impl {
       }
     }
     if (rows.size() != before) spans_stale = true;
-    for (uint32_t b : which) {
-      Block& blk = d.blocks[b];
-      if (blk.loaded) continue;
-      blk.loaded = true;
-      --unloaded_of_name[blk.name_id];
-      --unloaded_total;
-    }
+    for (uint32_t b : which) mark_loaded(d.blocks[b]);
+  }
+
+  void mark_loaded(Block& b) {
+    if (b.loaded) return;
+    b.loaded = true;
+    --unloaded_of_name[b.name_id];
+    --unloaded_total;
   }
 
   /// Loads every record of deferred shard `di` through the shard's own index, the way an eager
@@ -730,12 +715,7 @@ struct RunReader::Impl {
     }
     replaying = false;
     if (!sealed) return false;
-    for (Block& b : d.blocks) {
-      if (b.loaded) continue;
-      b.loaded = true;
-      --unloaded_of_name[b.name_id];
-      --unloaded_total;
-    }
+    for (Block& b : d.blocks) mark_loaded(b);
     return true;
   }
 
@@ -950,18 +930,13 @@ struct RunReader::Impl {
   }
 
   static void warm(const std::string& path, std::vector<uint8_t>* buf) {
-    uint8_t b[kFrameHeaderSize];
     {
       Fd f(path);
       if (f.fd < 0) return;
       const uint64_t size = file_size(f.fd, path);
-      uint64_t ioff, ilen;
-      uint32_t n;
-      if (size < kShardHeaderSize + kFooterSize || !pread_full(f.fd, b, kShardHeaderSize, 0, path) ||
-          !pread_full(f.fd, b, kFooterSize, size - kFooterSize, path) || !decode_footer(b, &ioff, &ilen, &n) ||
-          ioff >= size)
-        return;
-      pread_full(f.fd, b, kFrameHeaderSize, ioff, path);
+      uint8_t b[kShardHeaderSize];
+      if (!pread_full(f.fd, b, kShardHeaderSize, 0, path)) return;
+      if (locate_shard_index(f.fd, size, path).state != ShardIndexAt::kFound) return;
     }
     const std::string tpath = tensor_index_path(path);
     Fd t(tpath);

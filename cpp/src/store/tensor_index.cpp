@@ -436,6 +436,37 @@ bool write_tensor_index_file(const std::string& path, const std::vector<uint8_t>
   return ok;
 }
 
+ShardIndexAt locate_shard_index(int fd, uint64_t size, const std::string& path) {
+  // Exactly n bytes at off: false at end of file, Io on a failed read.
+  auto read = [&](void* buf, std::size_t n, uint64_t off) {
+    for (auto* p = static_cast<uint8_t*>(buf); n;) {
+      ssize_t r = ::pread(fd, p, n, static_cast<off_t>(off));
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) throw_error(ErrorCode::kIo, "[store.read] '" + path + "': " + std::strerror(errno));
+      if (r == 0) return false;
+      p += r;
+      n -= static_cast<std::size_t>(r);
+      off += static_cast<uint64_t>(r);
+    }
+    return true;
+  };
+  ShardIndexAt at;
+  uint8_t foot[kFooterSize];
+  if (size < kShardHeaderSize + kFooterSize || !read(foot, kFooterSize, size - kFooterSize) ||
+      !decode_footer(foot, &at.offset, &at.len, &at.num_frames))
+    return at;  // kUnsealed
+  if (at.offset < kShardHeaderSize || at.len < kFrameHeaderSize || at.offset + at.len != size - kFooterSize) {
+    at.state = ShardIndexAt::kFooterOutside;
+    return at;
+  }
+  uint8_t hb[kFrameHeaderSize];
+  at.state = read(hb, kFrameHeaderSize, at.offset) && decode_frame_header(hb, &at.header) &&
+                     at.header.kind == FrameKind::kIndex && at.header.total() == at.len
+                 ? ShardIndexAt::kFound
+                 : ShardIndexAt::kBadHeader;
+  return at;
+}
+
 bool read_shard_index(const std::string& path, std::vector<uint8_t>* meta, uint32_t* crc,
                       uint64_t* size) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -448,22 +479,14 @@ bool read_shard_index(const std::string& path, std::vector<uint8_t>* meta, uint3
   if (::fstat(fd, &st) != 0)
     throw_error(ErrorCode::kIo, "[tensor_index] '" + path + "': " + std::strerror(errno));
   *size = static_cast<uint64_t>(st.st_size);
-  uint8_t foot[kFooterSize];
-  uint64_t ioff, ilen;
-  uint32_t nframes;
-  if (*size < kShardHeaderSize + kFooterSize || !pread_all(fd, foot, kFooterSize, *size - kFooterSize) ||
-      !decode_footer(foot, &ioff, &ilen, &nframes))
-    return false;
+  const ShardIndexAt at = locate_shard_index(fd, *size, path);
   const std::string where = "tensor_index " + path + " index";
-  if (ioff < kShardHeaderSize || ilen < kFrameHeaderSize || ioff + ilen != *size - kFooterSize)
-    bad(where, "footer points outside the file");
-  uint8_t hb[kFrameHeaderSize];
-  FrameHeader h;
-  if (!pread_all(fd, hb, kFrameHeaderSize, ioff) || !decode_frame_header(hb, &h) ||
-      h.kind != FrameKind::kIndex || h.total() != ilen)
-    bad(where, "bad index frame header");
+  if (at.state == ShardIndexAt::kUnsealed) return false;
+  if (at.state == ShardIndexAt::kFooterOutside) bad(where, "footer points outside the file");
+  if (at.state == ShardIndexAt::kBadHeader) bad(where, "bad index frame header");
+  const FrameHeader& h = at.header;
   meta->resize(h.meta_len);
-  if (!pread_all(fd, meta->data(), h.meta_len, ioff + kFrameHeaderSize) ||
+  if (!pread_all(fd, meta->data(), h.meta_len, at.offset + kFrameHeaderSize) ||
       crc32c(meta->data(), h.meta_len) != h.meta_crc)
     bad(where, "index checksum mismatch");
   *crc = h.meta_crc;

@@ -139,6 +139,24 @@ TensorTable read_tensor_index(const std::string& path);
 /// checksums and is ignored). Returns false, leaving nothing behind, when it cannot.
 bool write_tensor_index_file(const std::string& path, const std::vector<uint8_t>& bytes);
 
+/// Where a shard's INDEX frame is, from its footer (§9.2 steps 1-3, not yet the meta).
+struct ShardIndexAt {
+  enum State {
+    kUnsealed,       ///< No valid footer: scan the shard.
+    kFound,          ///< offset, len, num_frames and header are set.
+    kFooterOutside,  ///< A valid footer pointing outside the file (DataLoss for a reader).
+    kBadHeader,      ///< The footer is fine but the INDEX frame header is not (DataLoss).
+  } state = kUnsealed;
+  uint64_t offset = 0;      ///< Offset of the INDEX frame.
+  uint64_t len = 0;         ///< Its total size.
+  uint32_t num_frames = 0;  ///< The footer's frame count (not checked against the index yet).
+  FrameHeader header;       ///< The INDEX frame's header.
+};
+
+/// Reads the footer and the INDEX frame header of the shard open as `fd` (`size` bytes) and
+/// says what it found. Throws Io, naming `path`, when a read fails.
+ShardIndexAt locate_shard_index(int fd, uint64_t size, const std::string& path);
+
 /// Reads the INDEX frame meta of the sealed shard at `path` (footer, then index frame, checked
 /// as §9.2 does): sets `meta`, its checksum `crc` and the shard's `size`. Returns false when the
 /// shard is not sealed (no valid footer); DataLoss when the footer points at a bad index.
