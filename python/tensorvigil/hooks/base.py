@@ -491,6 +491,16 @@ class SessionHook:
     _session: CaptureSession
 
     @property
+    def mode(self) -> Mode:
+        """Mode of the current step (or of the last one, between steps)."""
+        return self._session.mode
+
+    @property
+    def current_step(self) -> int:
+        """Global step being captured, or the last one (-1 before the first)."""
+        return self._session.step
+
+    @property
     def should_stop(self) -> bool:
         """Whether a stop was requested (by a rule, :meth:`request_stop` or a watcher)."""
         return self._session.should_stop
@@ -550,6 +560,67 @@ class SessionHook:
         s = self._session
         colls = [c.name for c in s.plan.colls]
         return f"{type(self).__name__}({self.out_dir!r}, step={s.step}, collections={colls})"
+
+
+class StepHook(SessionHook):
+    """A hook whose steps open from framework callbacks (PyTorch, MXNet).
+
+    Forward, backward and optimizer callbacks open a step; so do the user's ``record_*`` calls
+    when they come first.
+
+    Subclasses define ``_begin()`` (open a step) and may convert values with
+    :meth:`_as_scalar` (losses and metrics) and :meth:`_as_tensor` (custom tensors).
+    """
+
+    def _begin(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @staticmethod
+    def _as_scalar(value: Any) -> Any:
+        return value
+
+    @staticmethod
+    def _as_tensor(value: Any) -> Any:
+        return value
+
+    def _ensure_step(self) -> None:
+        if not self._session.step_open:
+            self._begin()
+
+    @guarded
+    def record_loss(self, loss: Any, name: Optional[str] = None) -> None:
+        """Saves a loss of the current step as ``loss`` (or ``loss/<name>``).
+
+        Args:
+            loss: A tensor of the framework (detached; CUDA tensors are not synchronised
+                beyond the copy; a per-sample vector is stored as it is) or a number.
+            name: Distinguishes several losses.
+
+        """
+        self._ensure_step()
+        s = self._session
+        if s.saving:
+            s.save("loss" if name is None else f"loss/{name}", "losses", self._as_scalar(loss))
+
+    @guarded
+    def record_scalar(self, name: str, value: Any) -> None:
+        """Saves a metric of the current step as ``metric/<name>``."""
+        self._ensure_step()
+        s = self._session
+        if s.saving:
+            s.save(f"metric/{name}", "metrics", self._as_scalar(value))
+
+    @guarded
+    def record_tensor(self, name: str, value: Any) -> None:
+        """Saves any tensor of the current step under ``name`` (collection ``custom``).
+
+        ``custom`` is saved when it is among the hook's collections (it is in ``all``) or a
+        user collection with kind ``custom`` selects ``name``.
+        """
+        self._ensure_step()
+        s = self._session
+        if s.saving:
+            s.save(name, "custom", self._as_tensor(value))
 
 
 class CaptureSession:

@@ -336,16 +336,6 @@ class Hook(SessionHook):
         ms = s._mode_steps.get(m, -1) + 1
         return any(c.save.should_save(ms, m) for c in s.plan.colls)
 
-    @property
-    def mode(self) -> Mode:
-        """Mode of the last step."""
-        return self._session.mode
-
-    @property
-    def current_step(self) -> int:
-        """Global step last recorded (-1 before the first)."""
-        return self._session.step
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Stops training at the next :meth:`save_step` (raising :class:`TrainingStopped`)."""
         self._session.request_stop(reason)

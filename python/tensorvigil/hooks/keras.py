@@ -513,11 +513,6 @@ class Hook(keras.callbacks.Callback, SessionHook):
 
     # -- user API ----------------------------------------------------------------------------
 
-    @property
-    def current_step(self) -> int:
-        """Global step being captured (-1 before the first)."""
-        return self._session.step
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ends ``fit`` after the current batch."""
         self._session.request_stop(reason)

@@ -73,7 +73,7 @@ from .base import (
     CaptureSession,
     Collection,
     SaveConfig,
-    SessionHook,
+    StepHook,
     _detect_rank,
     guarded,
 )
@@ -172,7 +172,7 @@ def _grad(p: Any) -> Any:
         return None
 
 
-class Hook(SessionHook):
+class Hook(StepHook):
     """Captures an MXNet Gluon model's tensors into a tensorvigil run while it trains.
 
     The options are those of :class:`tensorvigil.torch.Hook`.
@@ -468,9 +468,8 @@ class Hook(SessionHook):
                 entries.append((name + "/grad", "gradients", _Host(g)))
         self._session.save_many(entries)
 
-    def _ensure_step(self) -> None:
-        if not self._session.step_open:
-            self._begin()
+    _as_scalar = staticmethod(_value)
+    _as_tensor = staticmethod(_value)
 
     @guarded
     def _before_update(self, trainer: Any) -> None:
@@ -567,50 +566,6 @@ class Hook(SessionHook):
         ``None`` goes back to following ``autograd.is_training()``.
         """
         self._mode_override = None if mode is None else to_mode(mode)
-
-    @property
-    def mode(self) -> Mode:
-        """Mode of the current step."""
-        return self._session.mode
-
-    @property
-    def current_step(self) -> int:
-        """Global step being captured (-1 before the first)."""
-        return self._session.step
-
-    @guarded
-    def record_loss(self, loss: Any, name: Optional[str] = None) -> None:
-        """Saves a loss of the current step as ``loss`` (or ``loss/<name>``).
-
-        Args:
-            loss: An NDArray (a per-sample vector is stored as it is) or a number.
-            name: Distinguishes several losses.
-
-        """
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save("loss" if name is None else f"loss/{name}", "losses", _value(loss))
-
-    @guarded
-    def record_scalar(self, name: str, value: Any) -> None:
-        """Saves a metric of the current step as ``metric/<name>``."""
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save(f"metric/{name}", "metrics", _value(value))
-
-    @guarded
-    def record_tensor(self, name: str, value: Any) -> None:
-        """Saves any tensor (NDArray or numpy) of the current step under ``name``.
-
-        It belongs to collection ``custom`` (saved when ``custom`` or ``all`` is among the
-        hook's collections, or a user collection of kind ``custom`` selects ``name``).
-        """
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save(name, "custom", _value(value))
 
     def _detach(self) -> None:
         for h in self._handles:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, TrainingStopped
 from ..modes import Mode, ModeLike, to_mode
-from .base import CapturePlan, CaptureSession, Collection, SaveConfig, SessionHook, guarded
+from .base import CapturePlan, CaptureSession, Collection, SaveConfig, StepHook, guarded
 
 logger = logging.getLogger("tensorvigil")
 
@@ -93,7 +93,7 @@ def _flatten(value: Any, out: list) -> None:
         out.append(value.data)  # e.g. PackedSequence
 
 
-class Hook(SessionHook):
+class Hook(StepHook):
     """Captures a PyTorch model's tensors into a tensorvigil run while it trains.
 
     Args:
@@ -337,9 +337,9 @@ class Hook(SessionHook):
                 "has no CUDA kernels; reinstall with TV_ENABLE_CUDA=ON for on-device statistics)"
             )
 
-    def _ensure_step(self) -> None:
-        if not self._session.step_open:
-            self._begin()
+    @staticmethod
+    def _as_scalar(value: Any) -> Any:
+        return _scalar(value)
 
     @guarded
     def _on_opt_pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -442,51 +442,6 @@ class Hook(SessionHook):
         ``None`` goes back to following ``model.training``.
         """
         self._mode_override = None if mode is None else to_mode(mode)
-
-    @property
-    def mode(self) -> Mode:
-        """Mode of the current step."""
-        return self._session.mode
-
-    @property
-    def current_step(self) -> int:
-        """Global step being captured (-1 before the first)."""
-        return self._session.step
-
-    @guarded
-    def record_loss(self, loss: Any, name: Optional[str] = None) -> None:
-        """Saves a loss of the current step as ``loss`` (or ``loss/<name>``).
-
-        Args:
-            loss: A tensor (detached; no synchronisation for CUDA tensors beyond the copy) or
-                a number.
-            name: Distinguishes several losses.
-
-        """
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save("loss" if name is None else f"loss/{name}", "losses", _scalar(loss))
-
-    @guarded
-    def record_scalar(self, name: str, value: Any) -> None:
-        """Saves a metric of the current step as ``metric/<name>``."""
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save(f"metric/{name}", "metrics", _scalar(value))
-
-    @guarded
-    def record_tensor(self, name: str, value: Any) -> None:
-        """Saves any tensor of the current step under ``name`` (collection ``custom``).
-
-        ``custom`` is saved when it is among the hook's collections (it is in ``all``) or a
-        user collection with kind ``custom`` selects ``name``.
-        """
-        self._ensure_step()
-        s = self._session
-        if s.saving:
-            s.save(name, "custom", value)
 
     def _detach(self) -> None:
         for h in self._handles:

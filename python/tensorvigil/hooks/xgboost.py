@@ -501,11 +501,6 @@ class Hook(TrainingCallback, SessionHook):
         if s.step_open and s.saving:
             s.save(f"metric/{name}", "metrics", np.float64(value))
 
-    @property
-    def current_step(self) -> int:
-        """Step being captured (-1 before the first iteration)."""
-        return self._session.step
-
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ends boosting after the current iteration."""
         self._session.request_stop(reason)
